@@ -1,0 +1,130 @@
+"""FPT / FPT+ models: a frozen LPM, a fusion module with fine-grained prompts, and a side ViT."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fpt.config import FPTConfig, load_config
+from fpt.errors import FPTError
+from fpt.models.backbone import load_backbone
+from fpt.models.frozen_encoder import FrozenEncoder, LPMFeatures, LPMGeometry, validate_tapped_layers
+from fpt.models.fusion import FPTFusion, FPTPlusFusion, PromptFusion
+from fpt.models.side_vit import SideViT
+
+WEIGHTS_NAME = "model.safetensors"
+FUSION_MODULES: dict[str, type[PromptFusion]] = {"fpt": FPTFusion, "fpt+": FPTPlusFusion}
+
+
+class FPTModel(nn.Module):
+    """Fine-grained prompt tuning: only ``fusion`` and ``side`` are trained.
+
+    Args:
+        config: the method's config; its tapped layers are resolved against the LPM's depth.
+        geometry: the LPM's width, heads, depth and patch size.
+        encoder: the frozen LPM; None when training only from cached keys/values (the LPM is then
+            never loaded, which is the point of preloading).
+    """
+
+    def __init__(self, config: FPTConfig, geometry: LPMGeometry, encoder: FrozenEncoder | None = None) -> None:
+        super().__init__()
+        tapped_layers = config.resolved_tapped_layers(geometry.depth)
+        validate_tapped_layers(tapped_layers, geometry.depth)
+        if geometry.embed_dim % config.side_width_divisor:
+            raise FPTError(
+                f"LPM width {geometry.embed_dim} is not divisible by side_width_divisor {config.side_width_divisor}"
+            )
+        if config.side_input_size % geometry.patch_size:
+            raise FPTError(
+                f"side input size {config.side_input_size} is not a multiple of the patch size {geometry.patch_size}"
+            )
+        side_dim = geometry.embed_dim // config.side_width_divisor
+        self.config = replace(config, tapped_layers=tapped_layers)
+        self.geometry = geometry
+        self.fusion = FUSION_MODULES[config.method](
+            num_layers=len(tapped_layers),
+            num_prompts=config.num_prompts,
+            lpm_dim=geometry.embed_dim,
+            num_heads=geometry.num_heads,
+            side_dim=side_dim,
+            dropout=config.prompt_dropout,
+        )
+        self.side = SideViT(
+            img_size=config.side_input_size,
+            patch_size=geometry.patch_size,
+            embed_dim=side_dim,
+            depth=len(tapped_layers),
+            num_heads=geometry.num_heads,
+            num_classes=config.num_classes,
+        )
+        self.encoder = encoder
+
+    @classmethod
+    def from_config(cls, config: FPTConfig, load_lpm: bool = True, pretrained_lpm: bool = True) -> FPTModel:
+        """Build the model of ``config``.
+
+        Args:
+            load_lpm: build the frozen LPM; False reads only its geometry (for training from a cache).
+            pretrained_lpm: load the LPM's pre-trained weights; False keeps a random init (for counting).
+        """
+        if not load_lpm:
+            with torch.device("meta"):
+                geometry = LPMGeometry.from_model(load_backbone(config.backbone, pretrained=False))
+            return cls(config, geometry)
+        backbone = load_backbone(config.backbone, pretrained=pretrained_lpm)
+        geometry = LPMGeometry.from_model(backbone)
+        tapped_layers = config.resolved_tapped_layers(geometry.depth)
+        encoder = FrozenEncoder(backbone, tapped_layers, config.token_ratio, config.importance)
+        return cls(config, geometry, encoder)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, load_lpm: bool = True) -> FPTModel:
+        """Restore a model written by ``save_pretrained``: its LPM from the backbone spec, then its weights."""
+        directory = Path(directory)
+        model = cls.from_config(load_config(directory), load_lpm=load_lpm)
+        weights = directory / WEIGHTS_NAME
+        try:
+            state_dict = load_file(weights)
+        except (OSError, SafetensorError) as error:
+            raise FPTError(f"cannot read trained weights {weights}: {error}") from None
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [key for key in missing if not key.startswith("encoder.")]
+        if missing or unexpected:
+            raise FPTError(
+                f"{weights} does not match its config.json: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` (with the backbone spec) and ``model.safetensors`` (trainable weights only)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        save_file(self.trainable_state_dict(), directory / WEIGHTS_NAME, metadata={"method": self.config.method})
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The fusion module's and side network's weights, keyed as in ``state_dict()``."""
+        return {key: value for key, value in self.state_dict().items() if not key.startswith("encoder.")}
+
+    def num_learnable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def encode(self, lpm_images: Tensor) -> LPMFeatures:
+        """Run the frozen LPM: high-resolution images [B, C, S, S] -> keys/values [B, L, H, T, d_head]."""
+        if self.encoder is None:
+            raise FPTError("this model was built without its LPM (load_lpm=False); it can only use cached features")
+        return self.encoder(lpm_images)
+
+    def forward(self, side_images: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] -> logits [B, num_classes]."""
+        return self.side(side_images, self.fusion(keys, values))
+
+    def forward_images(self, lpm_images: Tensor, side_images: Tensor) -> Tensor:
+        """Logits [B, num_classes] straight from the two views, running the LPM on the fly."""
+        features = self.encode(lpm_images)
+        return self(side_images, features.keys, features.values)

@@ -1,0 +1,189 @@
+"""The frozen large pre-trained model (LPM): keys and values of its most important tokens.
+
+The LPM runs through its own timm modules. A forward hook on each tapped block's ``attn.qkv``
+projection reads ``x̂ W_qkv + b_qkv`` (``x̂ = norm1(x)``, the block's normalised input), scores the
+tokens by the attention they receive, and keeps the keys and values of the top ``T`` tokens per head.
+Untapped blocks run the model's normal fused path, and blocks after the last tapped one are not run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from fpt.errors import FPTError
+
+Importance = Literal["global", "cls"]
+IMPORTANCE_RULES: tuple[str, ...] = ("global", "cls")
+
+
+@dataclass(frozen=True)
+class LPMGeometry:
+    """The shape facts of an LPM that the trainable modules are sized from."""
+
+    embed_dim: int
+    num_heads: int
+    depth: int
+    patch_size: int
+    num_prefix_tokens: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @classmethod
+    def from_model(cls, model: VisionTransformer) -> LPMGeometry:
+        return cls(
+            embed_dim=model.embed_dim,
+            num_heads=model.blocks[0].attn.num_heads,
+            depth=len(model.blocks),
+            patch_size=model.patch_embed.patch_size[0],
+            num_prefix_tokens=model.num_prefix_tokens,
+        )
+
+    def num_tokens(self, input_size: int) -> int:
+        """N: prefix tokens (CLS, registers) plus patches for a square input of ``input_size`` pixels."""
+        return self.num_prefix_tokens + (input_size // self.patch_size) ** 2
+
+
+def num_important_tokens(num_tokens: int, token_ratio: float) -> int:
+    """T = int(N * token_ratio): how many tokens each head keeps."""
+    kept = int(num_tokens * token_ratio)
+    if kept < 1:
+        raise FPTError(f"token ratio {token_ratio} keeps no token out of {num_tokens}; raise --token-ratio")
+    return kept
+
+
+@dataclass
+class LPMFeatures:
+    """Keys and values of the important tokens of the tapped LPM layers.
+
+    keys, values: [B, L, H, T, d_head]; token_indices: [B, L, H, T], positions in the LPM's token
+    sequence (prefix tokens first, then patches in raster order).
+    """
+
+    keys: Tensor
+    values: Tensor
+    token_indices: Tensor
+
+
+def received_attention(q: Tensor, k: Tensor, scale: float, rule: Importance, query_chunk: int = 256) -> Tensor:
+    """Importance of each token, [B, H, N], from queries and keys [B, H, N, d_head].
+
+    ``A = softmax(q kᵀ · scale)``; "global" is ``A.mean(dim=-2)`` (the attention each token receives,
+    averaged over all queries) and "cls" is ``A[:, :, 0]`` (the attention the CLS query pays it). The rows
+    of ``A`` are computed ``query_chunk`` at a time so that memory stays ``O(chunk · N)``, not ``O(N²)``.
+    """
+    k_t = k.float().transpose(-2, -1)
+    if rule == "cls":
+        return torch.softmax((q[:, :, :1].float() @ k_t) * scale, dim=-1)[:, :, 0]
+    received = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
+    for q_chunk in q.split(query_chunk, dim=2):
+        received += torch.softmax((q_chunk.float() @ k_t) * scale, dim=-1).sum(dim=-2)
+    return received / q.shape[2]
+
+
+def important_token_indices(importance: Tensor, num_kept: int) -> Tensor:
+    """Indices [B, H, T] of the ``num_kept`` highest-scoring tokens of each head, from scores [B, H, N]."""
+    return importance.topk(num_kept, dim=-1).indices
+
+
+def gather_tokens(states: Tensor, indices: Tensor) -> Tensor:
+    """Pick per-head tokens: states [B, H, N, d_head], indices [B, H, T] -> [B, H, T, d_head]."""
+    return states.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1]))
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen timm ViT that returns the keys/values of its important tokens for the tapped layers.
+
+    Args:
+        model: a timm ``VisionTransformer`` (built with ``dynamic_img_size=True`` for any input size).
+        tapped_layers: indices of the blocks whose keys/values are returned, in increasing order.
+        token_ratio: fraction of the N tokens each head keeps.
+        importance: "global" (mean attention received) or "cls" (attention from the CLS token).
+    """
+
+    def __init__(
+        self,
+        model: VisionTransformer,
+        tapped_layers: list[int],
+        token_ratio: float = 0.2,
+        importance: Importance = "global",
+    ) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.geometry = LPMGeometry.from_model(model)
+        validate_tapped_layers(tapped_layers, self.geometry.depth)
+        if importance not in IMPORTANCE_RULES:
+            raise FPTError(f"unknown importance rule '{importance}'; choose one of {IMPORTANCE_RULES}")
+        if importance == "cls" and not model.has_class_token:
+            raise FPTError("importance 'cls' needs a backbone with a CLS token; use 'global'")
+        self.tapped_layers = list(tapped_layers)
+        self.token_ratio = token_ratio
+        self.importance: Importance = importance
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """The LPM always stays in eval mode (no dropout, no drop-path)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> LPMFeatures:
+        """images [B, C, S, S] (S a multiple of the patch size) -> keys/values [B, L, H, T, d_head]."""
+        size = images.shape[-1]
+        if images.shape[-2] != size or size % self.geometry.patch_size:
+            raise FPTError(
+                f"LPM input must be square with a side that is a multiple of the patch size "
+                f"{self.geometry.patch_size}; got {tuple(images.shape[-2:])}"
+            )
+        num_kept = num_important_tokens(self.geometry.num_tokens(size), self.token_ratio)
+        selected: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        hooks = [
+            self.model.blocks[layer].attn.qkv.register_forward_hook(
+                partial(self._select_tokens, layer, num_kept, selected)
+            )
+            for layer in self.tapped_layers
+        ]
+        try:
+            self.model.forward_intermediates(
+                images,
+                indices=[self.tapped_layers[-1]],
+                stop_early=True,
+                output_fmt="NLC",
+                intermediates_only=True,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        keys, values, indices = zip(*(selected[layer] for layer in self.tapped_layers), strict=True)
+        return LPMFeatures(torch.stack(keys, 1), torch.stack(values, 1), torch.stack(indices, 1))
+
+    def _select_tokens(
+        self,
+        layer: int,
+        num_kept: int,
+        selected: dict[int, tuple[Tensor, Tensor, Tensor]],
+        qkv_linear: nn.Module,
+        inputs: tuple[Tensor],
+        qkv: Tensor,
+    ) -> None:
+        attn = self.model.blocks[layer].attn
+        batch, num_tokens, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        indices = important_token_indices(received_attention(q, k, attn.scale, self.importance), num_kept)
+        selected[layer] = (gather_tokens(k, indices), gather_tokens(v, indices), indices)
+
+
+def validate_tapped_layers(tapped_layers: list[int], depth: int) -> None:
+    """Raise unless the layers are distinct, increasing block indices of a ``depth``-block LPM."""
+    if not tapped_layers:
+        raise FPTError("no tapped layers: give at least one LPM layer")
+    if sorted(set(tapped_layers)) != list(tapped_layers) or not 0 <= tapped_layers[0] <= tapped_layers[-1] < depth:
+        raise FPTError(
+            f"tapped layers {list(tapped_layers)} must be distinct increasing indices in 0..{depth - 1}"
+        )

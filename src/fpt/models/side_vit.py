@@ -1,0 +1,82 @@
+"""The lightweight side network: a small pre-norm ViT, trained from scratch on a down-sampled view.
+
+At side layer i the fused prompts O_i [B, M, d_side] are appended after the CLS and patch tokens (with no
+position embedding), the block runs on the concatenation, and the prompt outputs are dropped.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from fpt.errors import FPTError
+
+SIDE_LAYER_NORM_EPS = 1e-12
+
+
+class SideViT(nn.Module):
+    """Pre-norm ViT with a CLS token, learned position embeddings, exact-GELU MLPs and a linear head.
+
+    Args:
+        img_size: side input size in pixels (square).
+        patch_size: patch size (the LPM's).
+        embed_dim: width d_side.
+        depth: number of blocks (the number of tapped LPM layers).
+        num_heads: attention heads (the LPM's).
+        num_classes: classifier outputs.
+        mlp_ratio: MLP hidden width / embed_dim.
+        in_chans: image channels.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        num_classes: int,
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise FPTError(f"side width {embed_dim} is not divisible by {num_heads} heads")
+        norm_layer = partial(nn.LayerNorm, eps=SIDE_LAYER_NORM_EPS)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, act_layer=nn.GELU, norm_layer=norm_layer)
+            for _ in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, images: Tensor, prompts: Tensor | None = None) -> Tensor:
+        """images [B, C, S, S], fused prompts [B, depth, M, d_side] or None (no prompts) -> logits [B, K]."""
+        if prompts is not None and prompts.shape[1] != len(self.blocks):
+            raise FPTError(f"got prompts for {prompts.shape[1]} layers but the side network has {len(self.blocks)}")
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        num_tokens = x.shape[1]
+        for index, block in enumerate(self.blocks):
+            if prompts is None:
+                x = block(x)
+            else:
+                x = block(torch.cat([x, prompts[:, index]], dim=1))[:, :num_tokens]
+        return self.head(self.norm(x[:, 0]))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
