@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from fpt.config import FPTConfig, FPTPlusConfig, config_from_dict, load_config  # noqa: E402
-from fpt.errors import BackboneError, FPTError  # noqa: E402
-from fpt.models.backbone import BackboneSpec, load_backbone  # noqa: E402
-from fpt.models.fpt import FPTModel  # noqa: E402
+from fpt.config import FPTConfig, FPTPlusConfig, config_from_dict, load_config
+from fpt.errors import BackboneError, FPTError
+from fpt.models.backbone import BackboneSpec, load_backbone
+from fpt.models.fpt import FPTModel
 
 __all__ = [
     "BackboneError",

@@ -63,7 +63,10 @@ def format_model_info(info: dict[str, Any]) -> str:
     rows = [
         ("method", info["method"]),
         ("backbone", backbone),
-        ("LPM", f"width {lpm['embed_dim']}, {lpm['num_heads']} heads, {lpm['depth']} layers, patch {lpm['patch_size']}"),
+        (
+            "LPM",
+            f"width {lpm['embed_dim']}, {lpm['num_heads']} heads, {lpm['depth']} layers, patch {lpm['patch_size']}",
+        ),
         ("classes", f"{info['num_classes']}"),
         ("learnable parameters", f"{info['learnable_params']:,}"),
         ("frozen parameters", f"{info['frozen_params']:,} ({info['frozen_params_without_head']:,} without LPM head)"),

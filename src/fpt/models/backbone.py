@@ -157,8 +157,7 @@ def _load_local_directory(path: Path, spec: BackboneSpec, pretrained: bool) -> n
     if config.get("model_type") == "vit":
         return vit_from_hf_directory(path, config, pretrained)
     raise BackboneError(
-        f"{config_file} is neither a timm config (key 'architecture') nor a Hugging Face ViT config "
-        "(model_type 'vit')"
+        f"{config_file} is neither a timm config (key 'architecture') nor a Hugging Face ViT config (model_type 'vit')"
     )
 
 

@@ -184,6 +184,4 @@ def validate_tapped_layers(tapped_layers: list[int], depth: int) -> None:
     if not tapped_layers:
         raise FPTError("no tapped layers: give at least one LPM layer")
     if sorted(set(tapped_layers)) != list(tapped_layers) or not 0 <= tapped_layers[0] <= tapped_layers[-1] < depth:
-        raise FPTError(
-            f"tapped layers {list(tapped_layers)} must be distinct increasing indices in 0..{depth - 1}"
-        )
+        raise FPTError(f"tapped layers {list(tapped_layers)} must be distinct increasing indices in 0..{depth - 1}")
