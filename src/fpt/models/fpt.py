@@ -92,12 +92,14 @@ class FPTModel(nn.Module):
             state_dict = load_file(weights)
         except (OSError, SafetensorError) as error:
             raise FPTError(f"cannot read trained weights {weights}: {error}") from None
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        mismatch = f"{weights} does not match its config.json"
+        try:
+            missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as error:  # a shape mismatch; torch lists them one per line
+            raise FPTError(f"{mismatch}: {str(error).splitlines()[-1].strip()}") from None
         missing = [key for key in missing if not key.startswith("encoder.")]
         if missing or unexpected:
-            raise FPTError(
-                f"{weights} does not match its config.json: missing {missing[:4]}, unexpected {unexpected[:4]}"
-            )
+            raise FPTError(f"{mismatch}: missing {missing[:4]}, unexpected {unexpected[:4]}")
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
