@@ -62,3 +62,15 @@ def test_cli_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     for option in ("--backbone", "--backbone-weights", "--method", "--num-classes", "--input-size", "--json"):
         assert option in out
+
+
+def test_input_sizes_must_be_multiples_of_the_patch_size(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["info", "--backbone", "vit_small_patch14_reg4_dinov2", "--num-classes", "2"]
+    assert main(args) == 1
+    assert "lpm_input_size (--input-size) 512 is not a multiple of the LPM's patch size 14; use 504 or 518" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--input-size", "518", "--side-input-size", "126", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["lpm"]["prefix_tokens"] == 5  # CLS + 4 registers
+    assert info["lpm_tokens"] == 5 + 37 * 37

@@ -39,10 +39,16 @@ class FPTModel(nn.Module):
             raise FPTError(
                 f"LPM width {geometry.embed_dim} is not divisible by side_width_divisor {config.side_width_divisor}"
             )
-        if config.side_input_size % geometry.patch_size:
-            raise FPTError(
-                f"side input size {config.side_input_size} is not a multiple of the patch size {geometry.patch_size}"
-            )
+        for option, size in (
+            ("lpm_input_size (--input-size)", config.lpm_input_size),
+            ("side_input_size (--side-input-size)", config.side_input_size),
+        ):
+            if size % geometry.patch_size:
+                below = size - size % geometry.patch_size
+                raise FPTError(
+                    f"{option} {size} is not a multiple of the LPM's patch size {geometry.patch_size}; "
+                    f"use {below} or {below + geometry.patch_size}"
+                )
         side_dim = geometry.embed_dim // config.side_width_divisor
         self.config = replace(config, tapped_layers=tapped_layers)
         self.geometry = geometry
