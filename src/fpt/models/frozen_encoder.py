@@ -116,7 +116,9 @@ class FrozenEncoder(nn.Module):
         importance: Importance = "global",
     ) -> None:
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
+        if not model.dynamic_img_size:
+            raise FPTError("the LPM must be built with dynamic_img_size=True (load_backbone does so)")
+        self.model = model.requires_grad_(False)
         self.geometry = LPMGeometry.from_model(model)
         validate_tapped_layers(tapped_layers, self.geometry.depth)
         if importance not in IMPORTANCE_RULES:
@@ -126,6 +128,7 @@ class FrozenEncoder(nn.Module):
         self.tapped_layers = list(tapped_layers)
         self.token_ratio = token_ratio
         self.importance: Importance = importance
+        self.train(False)
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         """The LPM always stays in eval mode (no dropout, no drop-path)."""
