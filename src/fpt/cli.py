@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fpt import __version__
+from fpt.cache import CACHE_DTYPES
 from fpt.config import METHOD_CONFIGS, FPTConfig
+from fpt.data.transforms import Augmentation
 from fpt.errors import FPTError
+from fpt.metrics import METRIC_NAMES
 from fpt.models.backbone import BackboneSpec
 from fpt.models.frozen_encoder import IMPORTANCE_RULES
+from fpt.report import TABLE_METRICS
+from fpt.runtime import PRECISIONS
+from fpt.train import TrainingConfig
 
 DEFAULT_BACKBONE = "vit_base_patch16_384"
 
@@ -20,12 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except FPTError as error:
         print(f"fpt: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("fpt: interrupted", file=sys.stderr)
+        print("fpt: interrupted; everything finished so far is kept (rerun to continue)", file=sys.stderr)
         return 130
 
 
@@ -44,13 +52,62 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the model (random weights, nothing downloaded) and print its learnable and frozen "
         "parameters, tapped layers, tokens kept per layer and the feature-cache bytes per image.",
     )
-    add_model_arguments(info)
+    add_model_arguments(info, num_classes_required=True)
     info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    info.set_defaults(run=_run_info)
+    info.set_defaults(handler=_run_info)
+
+    preload = commands.add_parser(
+        "preload",
+        help="run the frozen LPM once over a dataset and cache the selected keys/values",
+        description="Compute the LPM's important-token keys/values for every image of DATA and store them in "
+        "--cache. Resumable: rerunning computes only what is missing.",
+    )
+    preload.add_argument("data", metavar="DATA", help="dataset folder (ROOT/{train,val,test}/<class>/) or CSV")
+    add_model_arguments(preload)
+    _add_data_arguments(preload)
+    preload.add_argument("--overwrite", action="store_true", help="empty a cache built with other settings")
+    preload.set_defaults(handler=_run_preload)
+
+    train = commands.add_parser(
+        "train",
+        help="train FPT/FPT+ on a dataset (preloading its features first)",
+        description="Train on DATA into the run directory --run. The feature cache is built or completed "
+        "first unless --no-cache; `fpt train --resume RUN` continues an interrupted run.",
+    )
+    train.add_argument("data", nargs="?", metavar="DATA", help="dataset folder or CSV manifest")
+    train.add_argument("--run", metavar="DIR", help="run directory to create")
+    train.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN from its last checkpoint")
+    add_model_arguments(train)
+    _add_data_arguments(train)
+    _add_training_arguments(train)
+    train.set_defaults(handler=_run_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="print a run's metrics on a split", description="Evaluate a trained run on one split."
+    )
+    evaluate.add_argument("run_dir", metavar="RUN", help="run directory written by `fpt train`")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    evaluate.add_argument("--checkpoint", default="best", choices=("best", "last"), help="default: best")
+    evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.set_defaults(handler=_run_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="class probabilities for images, optionally with prompt-attention overlays",
+        description="Load the LPM and a run's trained weights and print class probabilities per image.",
+    )
+    predict.add_argument("run_dir", metavar="RUN", help="run directory written by `fpt train`")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument("--checkpoint", default="best", choices=("best", "last"), help="default: best")
+    predict.add_argument("--csv", metavar="FILE", help="also write the probabilities to FILE")
+    predict.add_argument("--explain", metavar="DIR", help="write a PNG per image of where the prompts attended")
+    predict.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's)")
+    predict.set_defaults(handler=_run_predict)
     return parser
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: bool = False) -> None:
     """Options that define an FPT/FPT+ configuration; unset ones keep the method's preset."""
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -66,7 +123,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="local .safetensors/.pth/.bin weights for the --backbone architecture (nothing is downloaded)",
     )
     group.add_argument("--method", choices=sorted(METHOD_CONFIGS), default="fpt+", help="method preset (default: fpt+)")
-    group.add_argument("--num-classes", type=int, required=True, metavar="K", help="number of classes")
+    if num_classes_required:
+        group.add_argument("--num-classes", type=int, required=True, metavar="K", help="number of classes")
     group.add_argument("--input-size", type=int, metavar="S", help="LPM input size in pixels (preset: 512)")
     group.add_argument(
         "--side-input-size", type=int, metavar="S", help="side network input size (preset: 224 fpt, 128 fpt+)"
@@ -83,6 +141,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> FPTConfig:
+    """The model config of the parsed options (classes default to 1 until the data says how many)."""
     overrides = {
         "lpm_input_size": args.input_size,
         "side_input_size": args.side_input_size,
@@ -93,9 +152,90 @@ def config_from_args(args: argparse.Namespace) -> FPTConfig:
     }
     return METHOD_CONFIGS[args.method](
         backbone=BackboneSpec(args.backbone, weights=args.backbone_weights),
-        num_classes=args.num_classes,
+        num_classes=getattr(args, "num_classes", None) or 1,
         **{name: value for name, value in overrides.items() if value is not None},
     )
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data and feature cache")
+    group.add_argument("--cache", metavar="DIR", help="feature cache directory (default: fpt-cache)")
+    group.add_argument(
+        "--cache-dtype", choices=tuple(CACHE_DTYPES), help="dtype of cached keys/values (default: float16)"
+    )
+    group.add_argument(
+        "--norm",
+        choices=("backbone", "auto"),
+        help="normalisation: the backbone's mean/std (default) or the training set's statistics (auto)",
+    )
+    group.add_argument("--val-fraction", type=float, metavar="F", help="share of train made into val if absent (0.15)")
+    group.add_argument(
+        "--test-fraction", type=float, metavar="F", help="share of train made into test if absent (0.15)"
+    )
+    group.add_argument("--batch-size", type=int, metavar="B", help="batch size (default: 16)")
+    group.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (default: spare cores, max 4)")
+    group.add_argument("--device", help="auto (cuda > mps > cpu, default), cpu, cuda, cuda:N or mps")
+    group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), or bf16/fp16 autocast on GPUs")
+    group.add_argument("--seed", type=int, help="seed for splits, shuffling, augmentation and init (default: 0)")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--no-cache", action="store_true", help="run the LPM on the fly instead of caching features")
+    group.add_argument("--epochs", type=int, help="default: 20")
+    group.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4)")
+    group.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1)")
+    group.add_argument("--warmup-epochs", type=float, help="linear warm-up before cosine decay (default: 0)")
+    group.add_argument("--clip-grad-norm", type=float, help="gradient clipping norm, 0 disables (default: 1.0)")
+    group.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default: 0)")
+    group.add_argument("--balanced", action="store_true", help="weight the loss by inverse class frequency")
+    group.add_argument("--metric", choices=METRIC_NAMES, help="validation metric that picks the best checkpoint")
+    group.add_argument("--crop-scale", type=_float_pair, metavar="A,B", help="random-resized-crop scale (0.8,1.0)")
+    group.add_argument("--crop-ratio", type=_float_pair, metavar="A,B", help="random-resized-crop ratio (0.7,1.3)")
+    group.add_argument("--hflip", type=float, metavar="P", help="horizontal flip probability (default: 0.5)")
+    group.add_argument("--brightness", type=float, help="brightness jitter (default: 0.2)")
+    group.add_argument("--contrast", type=float, help="contrast jitter (default: 0.2)")
+
+
+def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The training config of the parsed options; unset ones keep ``TrainingConfig``'s defaults."""
+
+    def given(**values):
+        return {name: value for name, value in values.items() if value is not None}
+
+    augmentation = Augmentation(
+        **given(
+            crop_scale=getattr(args, "crop_scale", None),
+            crop_ratio=getattr(args, "crop_ratio", None),
+            hflip=getattr(args, "hflip", None),
+            brightness=getattr(args, "brightness", None),
+            contrast=getattr(args, "contrast", None),
+        )
+    )
+    clip = getattr(args, "clip_grad_norm", None)
+    options = given(
+        epochs=getattr(args, "epochs", None),
+        batch_size=args.batch_size,
+        lr=getattr(args, "lr", None),
+        weight_decay=getattr(args, "weight_decay", None),
+        warmup_epochs=getattr(args, "warmup_epochs", None),
+        label_smoothing=getattr(args, "label_smoothing", None),
+        selection_metric=getattr(args, "metric", None),
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        num_workers=args.workers,
+        cache_dir=args.cache,
+        cache_dtype=args.cache_dtype,
+        normalization=args.norm,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+    )
+    if clip is not None:
+        options["clip_grad_norm"] = clip or None
+    if getattr(args, "no_cache", False):
+        options["cache_dir"] = None
+    return TrainingConfig(**options, balanced_class_weights=getattr(args, "balanced", False), augmentation=augmentation)
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -108,8 +248,104 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_preload(args: argparse.Namespace) -> int:
+    from fpt.cache import preload
+    from fpt.train import prepare
+
+    training = training_config_from_args(args)
+    dataset, model, normalization = prepare(args.data, config_from_args(args), training)
+    summary = preload(
+        model,
+        dataset,
+        training.cache_dir,
+        normalization,
+        dtype=training.cache_dtype,
+        batch_size=training.batch_size,
+        num_workers=training.num_workers,
+        device=training.device,
+        precision=training.precision,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"cache {summary.cache_dir}: {summary.computed} images computed, {summary.reused} already cached, "
+        f"{summary.bytes_on_disk / 2**20:.1f} MiB on disk, {summary.seconds:.1f} s"
+    )
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from fpt.train import resume, train
+
+    if args.resume:
+        results = resume(args.resume)
+        run_dir = Path(args.resume)
+    else:
+        if not args.data or not args.run:
+            raise FPTError("give DATA and --run DIR (or --resume RUN to continue a run)")
+        results = train(args.data, args.run, config_from_args(args), training_config_from_args(args))
+        run_dir = Path(args.run)
+    print(_metrics_table({name: results[name] for name in ("best", "last")}))
+    print(f"run written to {run_dir} (report: {run_dir / 'report.html'})")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from fpt.train import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, device=args.device)
+    print(
+        json.dumps(metrics, indent=2) if args.json else _metrics_table({f"{args.checkpoint} ({args.split})": metrics})
+    )
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from fpt.predict import predict_images
+
+    predictions = predict_images(
+        args.run_dir, args.images, checkpoint=args.checkpoint, device=args.device, explain_dir=args.explain
+    )
+    classes = _run_classes(args.run_dir)
+    rows = [[p.path, p.predicted, *(f"{v:.4f}" for v in p.probabilities)] for p in predictions]
+    header = ["image", "predicted", *classes]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            csv.writer(handle).writerows([header, *rows])
+    if args.explain:
+        print(f"prompt-attention overlays written to {args.explain}")
+    return 0
+
+
+def _run_classes(run_dir: str) -> list[str]:
+    from fpt.train import Run
+
+    return Run.load(run_dir).dataset.classes
+
+
+def _metrics_table(columns: dict[str, dict]) -> str:
+    width = max(8, *(len(n) for n in columns))
+    lines = [f"{'metric':<18}" + "".join(f"{n:>{width + 2}}" for n in columns)]
+    for metric in TABLE_METRICS:
+        cells = "".join(
+            f"{'n/a' if m.get(metric) is None else format(m[metric], '.4f'):>{width + 2}}" for m in columns.values()
+        )
+        lines.append(f"{metric:<18}{cells}")
+    return "\n".join(lines)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got '{text}'") from None
+    return low, high

@@ -31,6 +31,7 @@ class FPTConfig:
         importance: token importance, "global" (mean attention received) or "cls" (CLS attention).
         prompt_dropout: dropout on the fused prompts.
         side_width_divisor: the side network's width is the LPM's width divided by this.
+        class_names: names of the ``num_classes`` classes, in label order (stored with trained models).
     """
 
     method: ClassVar[str] = "fpt"
@@ -45,6 +46,7 @@ class FPTConfig:
     importance: Importance = "global"
     prompt_dropout: float = 0.5
     side_width_divisor: int = 8
+    class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, str):
@@ -60,6 +62,8 @@ class FPTConfig:
             raise FPTError(f"token_ratio must be in (0, 1], got {self.token_ratio}")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise FPTError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise FPTError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
         if self.importance not in IMPORTANCE_RULES:
             raise FPTError(f"importance must be one of {IMPORTANCE_RULES}, got '{self.importance}'")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
@@ -69,6 +70,14 @@ def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> VisionTransfor
             _load_weights_file(model, Path(spec.weights).expanduser())
     check_supported(model, spec.name)
     return model.eval().requires_grad_(False)
+
+
+def backbone_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std the backbone was pre-trained with (ImageNet's when unknown)."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)
+    std = pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def check_supported(model: nn.Module, name: str) -> None:
@@ -269,8 +278,18 @@ def vit_from_hf_config(config: dict[str, Any]) -> VisionTransformer:
 
 
 def vit_from_hf_directory(path: Path, config: dict[str, Any], pretrained: bool) -> VisionTransformer:
-    """Build a timm ViT from a Hugging Face ViT checkpoint directory (``config.json`` + weights)."""
+    """Build a timm ViT from a Hugging Face ViT checkpoint directory (``config.json`` + weights).
+
+    Its normalisation comes from ``preprocessor_config.json`` when present, else the ViT processor's
+    default of 0.5 mean and std.
+    """
     model = vit_from_hf_config(config)
+    processor_file = path / "preprocessor_config.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    model.pretrained_cfg = {
+        "mean": processor.get("image_mean", [0.5] * 3),
+        "std": processor.get("image_std", [0.5] * 3),
+    }
     if not pretrained:
         return model
     weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)

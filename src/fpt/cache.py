@@ -1,0 +1,329 @@
+"""Preloaded LPM features: the selected keys/values of every image, computed once and memory-mapped.
+
+A cache directory holds ``manifest.json`` (the fingerprint of everything that determines the features,
+and the record layout), ``index.jsonl`` (one line per image: its path relative to the data root, shard
+and slot) and a few large ``shard-NNNNN.bin`` files of fixed-size records (keys then values,
+[2, L, H, T, d_head] in the cache dtype). A record's data is written and synced before its index line,
+so an interrupted run (kill -9 included) never leaves a visible half-written entry; rerunning computes
+only what the index lacks.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from fpt import __version__
+from fpt.config import FPTConfig
+from fpt.data.datasets import ImageDataset
+from fpt.data.loaders import SampleViews, worker_count
+from fpt.data.transforms import Normalization, lpm_view
+from fpt.errors import FPTError
+from fpt.models.fpt import FPTModel
+from fpt.models.frozen_encoder import num_important_tokens
+from fpt.runtime import Precision, autocast, progress_bar, select_device
+
+MANIFEST_NAME = "manifest.json"
+INDEX_NAME = "index.jsonl"
+CACHE_FORMAT = 1
+SHARD_BYTES = 2 * 2**30
+CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes), independent of where it came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_fingerprint(
+    config: FPTConfig, weights_sha256: str, normalization: Normalization, dtype: str
+) -> dict[str, Any]:
+    """Everything that determines the cached features of an image."""
+    return {
+        "backbone": config.backbone.to_dict(),
+        "weights_sha256": weights_sha256,
+        "lpm_input_size": config.lpm_input_size,
+        "tapped_layers": config.tapped_layers,
+        "token_ratio": config.token_ratio,
+        "importance": config.importance,
+        "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
+        "dtype": dtype,
+        "fpt_version": __version__,
+    }
+
+
+def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """Human-readable lines for each fingerprint field that differs."""
+    return [
+        f"{key}: cache has {found.get(key)!r}, this run needs {expected.get(key)!r}"
+        for key in sorted(set(expected) | set(found))
+        if expected.get(key) != found.get(key)
+    ]
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Shape [L, H, T, d_head] and dtype of one image's cached keys (and, equally, values)."""
+
+    shape: tuple[int, int, int, int]
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return CACHE_DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * int(np.prod(self.shape)) * self.torch_dtype.itemsize
+
+
+class FeatureCache:
+    """Read and append access to a cache directory. Keys are image paths relative to the data root."""
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any], layout: RecordLayout) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.entries: dict[str, tuple[str, int]] = _read_index(directory / INDEX_NAME)
+        self._shards: dict[str, np.memmap] = {}
+
+    @classmethod
+    def open(cls, directory: str | Path, fingerprint: dict[str, Any] | None = None) -> FeatureCache:
+        """Open an existing cache; with ``fingerprint``, refuse one built with different settings."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise FPTError(f"no feature cache at {directory} (no {MANIFEST_NAME}); build it with `fpt preload`")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != CACHE_FORMAT:
+            raise FPTError(f"{manifest_path} has cache format {manifest.get('format')}, expected {CACHE_FORMAT}")
+        if fingerprint is not None and manifest["fingerprint"] != fingerprint:
+            differences = "; ".join(fingerprint_differences(fingerprint, manifest["fingerprint"]))
+            raise FPTError(
+                f"the feature cache at {directory} was built with other settings ({differences}); rebuild it with "
+                f"`fpt preload ... --cache {directory} --overwrite` or pass another --cache directory"
+            )
+        layout = RecordLayout(tuple(manifest["layout"]["shape"]), manifest["layout"]["dtype"])
+        return cls(directory, manifest["fingerprint"], layout)
+
+    @classmethod
+    def create(
+        cls, directory: str | Path, fingerprint: dict[str, Any], layout: RecordLayout, overwrite: bool = False
+    ) -> FeatureCache:
+        """Open the cache at ``directory`` for these settings, creating it if absent.
+
+        An existing cache with another fingerprint is refused unless ``overwrite``, which empties it.
+        """
+        directory = Path(directory)
+        if (directory / MANIFEST_NAME).is_file():
+            if not overwrite:
+                return cls.open(directory, fingerprint)
+            for path in directory.iterdir():
+                if path.name in (MANIFEST_NAME, INDEX_NAME) or path.name.startswith("shard-"):
+                    path.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": CACHE_FORMAT,
+            "fingerprint": fingerprint,
+            "layout": {"shape": list(layout.shape), "dtype": layout.dtype},
+        }
+        temporary = directory / f"{MANIFEST_NAME}.tmp"
+        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+        temporary.replace(directory / MANIFEST_NAME)
+        return cls(directory, fingerprint, layout)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        return [key for key in keys if key not in self.entries]
+
+    def size_on_disk(self) -> int:
+        return sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
+
+    def get(self, key: str) -> tuple[Tensor, Tensor]:
+        """Cached keys and values of one image, each [L, H, T, d_head] in the cache dtype."""
+        try:
+            shard, slot = self.entries[key]
+        except KeyError:
+            raise FPTError(
+                f"image '{key}' is not in the feature cache {self.directory}; run `fpt preload` again to add it"
+            ) from None
+        if shard not in self._shards:  # opened lazily, so that each DataLoader worker maps its own
+            self._shards[shard] = np.memmap(self.directory / shard, dtype=np.uint8, mode="r")
+        size = self.layout.nbytes
+        raw = torch.from_numpy(np.array(self._shards[shard][slot * size : (slot + 1) * size]))
+        keys, values = raw.view(self.layout.torch_dtype).view(2, *self.layout.shape)
+        return keys, values
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_shards": {}}
+
+    @contextmanager
+    def writer(self) -> Iterator[CacheWriter]:
+        writer = CacheWriter(self)
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
+class CacheWriter:
+    """Appends records to a fresh shard of ``cache``; each batch is synced before it is indexed."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+        _drop_partial_last_line(cache.directory / INDEX_NAME)
+        self.index: BinaryIO = open(cache.directory / INDEX_NAME, "ab")  # noqa: SIM115 (closed in close())
+        self.shard: BinaryIO | None = None
+        self.shard_name = ""
+        self.slots = 0
+
+    def add(self, keys: Sequence[str], key_states: Tensor, value_states: Tensor) -> None:
+        """Store a batch: image keys and their keys/values [B, L, H, T, d_head]."""
+        layout = self.cache.layout
+        records = torch.stack([key_states, value_states], dim=1).to("cpu", layout.torch_dtype).contiguous()
+        data = records.view(len(keys), -1).view(torch.uint8).numpy()
+        try:
+            if self.shard is None or (self.slots + len(keys)) * layout.nbytes > SHARD_BYTES:
+                self._next_shard()
+            self.shard.write(data.tobytes())
+            self.shard.flush()
+            os.fsync(self.shard.fileno())
+            lines = [
+                json.dumps({"key": key, "shard": self.shard_name, "slot": self.slots + i}) + "\n"
+                for i, key in enumerate(keys)
+            ]
+            self.index.write("".join(lines).encode())
+            self.index.flush()
+            os.fsync(self.index.fileno())
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise FPTError(
+                    f"disk full while writing the feature cache {self.cache.directory}; the "
+                    f"{len(self.cache)} images cached so far are kept: free space and rerun to continue"
+                ) from None
+            raise
+        for i, key in enumerate(keys):
+            self.cache.entries[key] = (self.shard_name, self.slots + i)
+        self.slots += len(keys)
+
+    def _next_shard(self) -> None:
+        if self.shard is not None:
+            self.shard.close()
+        existing = sorted(self.cache.directory.glob("shard-*.bin"))
+        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        self.shard_name = f"shard-{number:05d}.bin"
+        self.shard = open(self.cache.directory / self.shard_name, "xb")  # noqa: SIM115 (closed in close())
+        self.slots = 0
+
+    def close(self) -> None:
+        if self.shard is not None:
+            self.shard.close()
+        self.index.close()
+
+
+def _read_index(path: Path) -> dict[str, tuple[str, int]]:
+    entries: dict[str, tuple[str, int]] = {}
+    if not path.is_file():
+        return entries
+    with path.open("rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):  # the unfinished tail of an interrupted write
+                break
+            entry = json.loads(line)
+            entries[entry["key"]] = (entry["shard"], entry["slot"])
+    return entries
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+@dataclass
+class PreloadSummary:
+    cache_dir: Path
+    computed: int
+    reused: int
+    bytes_on_disk: int
+    seconds: float
+
+
+def preload(
+    model: FPTModel,
+    dataset: ImageDataset,
+    cache_dir: str | Path,
+    normalization: Normalization,
+    dtype: str = "float16",
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    device: str = "auto",
+    precision: Precision = "fp32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PreloadSummary:
+    """Run the frozen LPM once over every image of ``dataset`` and store the selected keys/values.
+
+    Images already in the cache are skipped, so an interrupted preload resumes where it stopped.
+    """
+    if model.encoder is None:
+        raise FPTError("preloading needs the model's LPM (build it with load_lpm=True)")
+    if dtype not in CACHE_DTYPES:
+        raise FPTError(f"cache dtype '{dtype}' is not one of {', '.join(CACHE_DTYPES)}")
+    start = time.perf_counter()
+    config, geometry = model.config, model.geometry
+    fingerprint = cache_fingerprint(config, weights_digest(model.encoder.model), normalization, dtype)
+    kept = num_important_tokens(geometry.num_tokens(config.lpm_input_size), config.token_ratio)
+    layout = RecordLayout((len(config.tapped_layers), geometry.num_heads, kept, geometry.head_dim), dtype)
+    cache = FeatureCache.create(cache_dir, fingerprint, layout, overwrite=overwrite)
+
+    samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
+    missing = [samples[key] for key in cache.missing(list(samples))]
+    target = select_device(device)
+    encoder = model.encoder.to(target)
+    views = SampleViews(dataset.root, missing, lpm_view=lpm_view(config.lpm_input_size, normalization))
+    loader = DataLoader(
+        views, batch_size=batch_size, num_workers=worker_count(num_workers), pin_memory=target.type == "cuda"
+    )
+    with (
+        cache.writer() as writer,
+        progress_bar(total=len(missing), unit="img", desc="preload", enabled=progress and bool(missing)) as bar,
+    ):
+        for batch in loader:
+            with autocast(target, precision):
+                features = encoder(batch["lpm"].to(target, non_blocking=True))
+            writer.add([missing[i].path for i in batch["index"].tolist()], features.keys, features.values)
+            bar.update(len(batch["index"]))
+    return PreloadSummary(
+        cache_dir=Path(cache_dir),
+        computed=len(missing),
+        reused=len(samples) - len(missing),
+        bytes_on_disk=cache.size_on_disk(),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,1 @@
+"""Datasets, image decoding, the two views and synthetic demo data."""

@@ -1,0 +1,211 @@
+"""Finding a labelled image dataset on disk: a split folder layout or a CSV manifest.
+
+Folder layout: ``ROOT/{train,val,test}/<class>/<image>`` (``ROOT/<class>/<image>`` is split
+automatically). CSV manifest: columns ``path,label[,split]``, paths relative to the CSV's folder.
+Missing val/test splits are made by a seeded stratified split of the training images.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fpt.data.images import is_image_file
+from fpt.errors import FPTError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its POSIX path relative to the data root (the cache key) and its class index."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class ImageDataset:
+    """The images of every split, their class list, and how the splits were made."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    ignored_files: list[str] = field(default_factory=list)
+    generated_split: dict[str, Any] | None = None
+
+    def class_counts(self, split: str) -> list[int]:
+        counts = Counter(sample.label for sample in self.splits[split])
+        return [counts[index] for index in range(len(self.classes))]
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything needed to reproduce the splits exactly (written into a run directory)."""
+        return {
+            "root": str(self.root),
+            "classes": self.classes,
+            "generated_split": self.generated_split,
+            "splits": {name: [[s.path, s.label] for s in samples] for name, samples in self.splits.items()},
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ImageDataset:
+        return cls(
+            root=Path(record["root"]),
+            classes=list(record["classes"]),
+            splits={name: [Sample(path, label) for path, label in rows] for name, rows in record["splits"].items()},
+            generated_split=record["generated_split"],
+        )
+
+    def ignored_summary(self) -> str | None:
+        """One line about skipped non-image files, or None."""
+        if not self.ignored_files:
+            return None
+        names = sorted({Path(path).name for path in self.ignored_files})
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f"ignored {len(self.ignored_files)} non-image files ({shown})"
+
+
+def load_dataset(
+    source: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+) -> ImageDataset:
+    """Read the dataset at ``source``: a folder (split layout or class folders) or a ``.csv`` manifest."""
+    source = Path(source).expanduser().resolve()
+    if source.is_file() and source.suffix.lower() == ".csv":
+        root, classes, splits, ignored = source.parent, *_read_csv(source), []
+    elif source.is_dir():
+        root = source
+        classes, splits, ignored = _read_folders(source)
+    else:
+        raise FPTError(f"data source {source} is neither a folder nor a .csv manifest")
+    generated = None
+    missing = [name for name in SPLITS if name not in splits]
+    if missing:
+        splits, generated = _stratified_split(splits, classes, missing, val_fraction, test_fraction, seed)
+    _check_splits(splits, classes)
+    return ImageDataset(root, classes, splits, ignored, generated)
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders class '2' before '10'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def _read_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]], list[str]]:
+    split_dirs = {name: root / name for name in SPLITS if (root / name).is_dir()}
+    if not split_dirs:  # ROOT/<class>/<image>: everything is training data, split later
+        split_dirs = {"train": root}
+    elif "train" not in split_dirs:
+        raise FPTError(f"{root} has {', '.join(split_dirs)} but no train/ folder")
+    class_names = {
+        name: sorted((p.name for p in directory.iterdir() if p.is_dir()), key=natural_key)
+        for name, directory in split_dirs.items()
+    }
+    classes = class_names["train"]
+    if not classes:
+        raise FPTError(f"{split_dirs['train']} has no class folders; expected {root}/train/<class>/<image>")
+    for name, names in class_names.items():
+        if names != classes:
+            _raise_class_mismatch(name, set(names), set(classes))
+    splits: dict[str, list[Sample]] = {}
+    ignored: list[str] = []
+    for name, directory in split_dirs.items():
+        splits[name] = []
+        for label, class_name in enumerate(classes):
+            class_dir = directory / class_name
+            files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+            images = [p for p in files if is_image_file(p)]
+            ignored += [p.relative_to(root).as_posix() for p in files if not is_image_file(p)]
+            if not images:
+                raise FPTError(f"class folder {class_dir} has no images (.jpg .png .tif .bmp); add some or remove it")
+            splits[name] += [Sample(p.relative_to(root).as_posix(), label) for p in images]
+    return classes, splits, ignored
+
+
+def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        if not {"path", "label"} <= columns:
+            raise FPTError(f"{path} needs a header with columns path,label[,split]; found {sorted(columns)}")
+        rows = list(reader)
+    if not rows:
+        raise FPTError(f"{path} lists no images")
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for line, row in enumerate(rows, start=2):
+        split = (row.get("split") or "train").strip() if "split" in columns else "train"
+        if split not in SPLITS:
+            raise FPTError(f"{path}:{line}: split '{split}' is not one of {', '.join(SPLITS)}")
+        image = Path(row["path"].strip())
+        if not (path.parent / image).is_file():
+            raise FPTError(f"{path}:{line}: image {path.parent / image} does not exist")
+        if not is_image_file(image):
+            raise FPTError(f"{path}:{line}: {image} is not a supported image (.jpg .png .tif .bmp)")
+        by_split.setdefault(split, []).append((image.as_posix(), row["label"].strip()))
+    if "train" not in by_split:
+        raise FPTError(f"{path} has no training rows (split 'train' or an empty split column)")
+    classes = sorted({label for _, label in by_split["train"]}, key=natural_key)
+    for name, rows_of_split in by_split.items():
+        labels = {label for _, label in rows_of_split}
+        if labels != set(classes):
+            _raise_class_mismatch(name, labels, set(classes))
+    index = {name: label for label, name in enumerate(classes)}
+    splits = {name: [Sample(image, index[label]) for image, label in items] for name, items in by_split.items()}
+    return classes, splits
+
+
+def _raise_class_mismatch(split: str, found: set[str], expected: set[str]) -> None:
+    parts = []
+    if found - expected:
+        parts.append(f"not in train: {', '.join(sorted(found - expected, key=natural_key))}")
+    if expected - found:
+        parts.append(f"missing: {', '.join(sorted(expected - found, key=natural_key))}")
+    raise FPTError(f"split '{split}' has a different class set than train ({'; '.join(parts)})")
+
+
+def _stratified_split(
+    splits: dict[str, list[Sample]],
+    classes: list[str],
+    missing: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
+    """Move a seeded, per-class share of the training images into each missing split."""
+    fractions = {"val": val_fraction, "test": test_fraction}
+    rng = np.random.default_rng(seed)
+    result = {name: list(samples) for name, samples in splits.items()}
+    result["train"] = []
+    for name in missing:
+        result[name] = []
+    for label, class_name in enumerate(classes):
+        members = [s for s in splits["train"] if s.label == label]
+        members = [members[i] for i in rng.permutation(len(members))]
+        if len(members) < len(missing) + 1:
+            raise FPTError(
+                f"class '{class_name}' has {len(members)} training images, too few to also make "
+                f"{' and '.join(missing)} splits; add images or provide the splits"
+            )
+        for name in missing:
+            count = min(max(1, round(len(members) * fractions[name])), len(members) - 1)
+            result[name] += members[:count]
+            members = members[count:]
+        result["train"] += members
+    record = {"seed": seed, "made": missing, "val_fraction": val_fraction, "test_fraction": test_fraction}
+    return {name: sorted(result[name], key=lambda s: s.path) for name in SPLITS}, record
+
+
+def _check_splits(splits: dict[str, list[Sample]], classes: list[str]) -> None:
+    for name in SPLITS:
+        if not splits.get(name):
+            raise FPTError(f"split '{name}' has no images")
+    for name, samples in splits.items():
+        seen = {s.label for s in samples}
+        if len(seen) != len(classes):
+            absent = [classes[i] for i in range(len(classes)) if i not in seen]
+            raise FPTError(f"split '{name}' has no images of class {', '.join(absent)}")

@@ -1,0 +1,50 @@
+"""Decoding images of any common mode into RGB float tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from fpt.errors import FPTError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+
+
+def is_image_file(path: Path) -> bool:
+    """True for visible files with an image suffix (so .DS_Store, Thumbs.db and notes are skipped)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def load_image(path: str | Path) -> Tensor:
+    """Decode ``path`` to an RGB float tensor [3, H, W] in [0, 1].
+
+    Grayscale, palette, RGBA and CMYK images become RGB; 16-bit and floating-point images are scaled by
+    their own minimum and maximum (their real range), not clipped to 8 bits.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = _to_rgb_array(image)
+    except FileNotFoundError:
+        raise FPTError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise FPTError(f"cannot decode image {path} ({error}); remove or replace the file") from None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] float32 in [0, 1]."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        gray = np.asarray(image, dtype=np.float32)
+        low, high = float(gray.min()), float(gray.max())
+        gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "P":  # via RGBA, so palettes with transparency convert without a warning
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.float32) / 255.0

@@ -1,0 +1,111 @@
+"""Prediction with a trained run, and where its fine-grained prompts looked in the LPM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from fpt.data.images import load_image
+from fpt.data.transforms import lpm_view, side_view
+from fpt.errors import FPTError
+from fpt.models.fpt import FPTModel
+from fpt.models.frozen_encoder import LPMFeatures
+from fpt.runtime import autocast, progress_bar, select_device
+from fpt.train import Run, checkpoint_dir
+
+
+@dataclass
+class Prediction:
+    path: str
+    probabilities: list[float]
+    predicted: str
+
+
+def prompt_attention_map(model: FPTModel, features: LPMFeatures, lpm_input_size: int) -> Tensor:
+    """Attention mass per LPM patch from the fusion module's cross-attention, [B, g, g], each map max 1.
+
+    Every prompt's attention over its layer's kept tokens is summed over prompts, heads and layers and
+    scattered back to the tokens' positions; prefix tokens (CLS, registers) are left out.
+    """
+    geometry = model.geometry
+    weights = model.fusion.attention_weights(features.keys).float()  # [B, L, H, M, T]
+    mass = weights.sum(dim=3)  # [B, L, H, T]
+    batch = mass.shape[0]
+    num_tokens = geometry.num_tokens(lpm_input_size)
+    per_token = mass.new_zeros(*mass.shape[:3], num_tokens).scatter_add_(-1, features.token_indices, mass)
+    grid = lpm_input_size // geometry.patch_size
+    per_patch = per_token.sum(dim=(1, 2))[:, geometry.num_prefix_tokens :].reshape(batch, grid, grid)
+    return per_patch / per_patch.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+
+
+def save_overlay(image: Tensor, attention: Tensor, path: Path, alpha: float = 0.45) -> None:
+    """Blend a [g, g] attention map (upsampled, 'inferno' colours) over an RGB image [3, S, S] in [0, 1]."""
+    size = image.shape[-1]
+    heat = F.interpolate(attention[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    colours = matplotlib.colormaps["inferno"](heat.clamp(0, 1).numpy())[..., :3]
+    blended = (1 - alpha) * image.permute(1, 2, 0).numpy() + alpha * colours
+    Image.fromarray((blended.clip(0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def predict_images(
+    run_dir: str | Path,
+    images: Sequence[str | Path],
+    checkpoint: str = "best",
+    device: str | None = None,
+    explain_dir: str | Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[Prediction]:
+    """Class probabilities for each image with a run's trained weights (the LPM runs on the fly).
+
+    With ``explain_dir``, also writes ``<image stem>_attention.png`` per image (numbered when stems repeat):
+    where the prompts attended.
+    """
+    run = Run.load(run_dir)
+    directory = checkpoint_dir(run.directory, checkpoint)
+    if directory is None:
+        raise FPTError(f"{run.directory} has no '{checkpoint}' checkpoint yet")
+    target = select_device(device or run.training.device)
+    model = FPTModel.from_pretrained(directory).to(target).eval()
+    config = model.config
+    to_lpm = lpm_view(config.lpm_input_size, run.normalization)
+    to_side = side_view(config.side_input_size, run.normalization, augmentation=None)
+    if explain_dir is not None:
+        explain_dir = Path(explain_dir)
+        explain_dir.mkdir(parents=True, exist_ok=True)
+    predictions: list[Prediction] = []
+    paths = [Path(image) for image in images]
+    overlay_names = _unique_names([f"{path.stem}_attention.png" for path in paths])
+    for start in progress_bar(range(0, len(paths), batch_size), enabled=progress, desc="predict", unit="batch"):
+        chunk = paths[start : start + batch_size]
+        pixels = [load_image(path) for path in chunk]
+        lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target)
+        side_batch = torch.stack([to_side(p) for p in pixels]).to(target)
+        with torch.no_grad(), autocast(target, run.training.precision):
+            features = model.encode(lpm_batch)
+            probabilities = model(side_batch, features.keys, features.values).float().softmax(dim=-1).cpu()
+            attention = prompt_attention_map(model, features, config.lpm_input_size).cpu() if explain_dir else None
+        for index, path in enumerate(chunk):
+            row = probabilities[index].tolist()
+            predictions.append(Prediction(str(path), row, config.class_names[int(np.argmax(row))]))
+            if attention is not None:
+                resized = F.interpolate(pixels[index][None], size=lpm_batch.shape[-2:], mode="bilinear", antialias=True)
+                save_overlay(resized[0], attention[index], explain_dir / overlay_names[start + index])
+    return predictions
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else name.replace("_attention", f"_{seen[name]}_attention"))
+    return unique

@@ -1,0 +1,53 @@
+"""Device choice, mixed precision and seeding, shared by preloading, training and prediction."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fpt.errors import FPTError
+
+T = TypeVar("T")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; any other name is used as given (``cuda:1``, ``cpu``)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FPTError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FPTError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """Mixed precision on GPUs (bf16 or fp16); fp32, or any precision on CPU, runs unchanged."""
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress_bar(iterable: Iterable[T] | None = None, enabled: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar with rate and ETA; shown on terminals only, so logs and CI output stay clean."""
+    return tqdm(iterable, disable=None if enabled else True, dynamic_ncols=True, **options)
