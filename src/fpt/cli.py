@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except FPTError as error:
-        print(f"fpt: error: {error}", file=sys.stderr)
+        message = str(error)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original message
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"fpt: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fpt: interrupted; everything finished so far is kept (rerun to continue)", file=sys.stderr)

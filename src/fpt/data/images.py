@@ -31,6 +31,8 @@ def load_image(path: str | Path) -> Tensor:
             array = _to_rgb_array(image)
     except FileNotFoundError:
         raise FPTError(f"image not found: {path}") from None
+    except PermissionError:
+        raise FPTError(f"cannot read image {path}: permission denied; fix its permissions") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise FPTError(f"cannot decode image {path} ({error}); remove or replace the file") from None
     return torch.from_numpy(array).permute(2, 0, 1)
