@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,12 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     None when the labels hold a single class. Kappa is quadratic-weighted (classes taken as ordered).
     Macro averages count a class with no predictions as 0 rather than failing.
     """
-    labels = np.asarray(labels)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
+    with warnings.catch_warnings():  # scikit-learn warns about absent classes, which the docstring covers
+        warnings.simplefilter("ignore", UserWarning)
+        return _metrics(np.asarray(labels), np.asarray(probabilities, dtype=np.float64))
+
+
+def _metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     num_classes = probabilities.shape[1]
     classes = list(range(num_classes))
     predictions = probabilities.argmax(axis=1)

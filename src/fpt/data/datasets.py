@@ -83,6 +83,11 @@ def load_dataset(
         classes, splits, ignored = _read_folders(source)
     else:
         raise FPTError(f"data source {source} is neither a folder nor a .csv manifest")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise FPTError(
+            f"val and test fractions ({val_fraction}, {test_fraction}) must each be in (0, 1) and leave images "
+            "for training"
+        )
     generated = None
     missing = [name for name in SPLITS if name not in splits]
     if missing:
@@ -103,22 +108,30 @@ def _read_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]], list[
     elif "train" not in split_dirs:
         raise FPTError(f"{root} has {', '.join(split_dirs)} but no train/ folder")
     class_names = {
-        name: sorted((p.name for p in directory.iterdir() if p.is_dir()), key=natural_key)
+        name: sorted(
+            (p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key
+        )
         for name, directory in split_dirs.items()
     }
+    for name, names in class_names.items():
+        if not names:
+            raise FPTError(
+                f"split folder {split_dirs[name]} has no class folders; expected {split_dirs[name]}/<class>/<image> "
+                "(or remove the empty folder)"
+            )
     classes = class_names["train"]
-    if not classes:
-        raise FPTError(f"{split_dirs['train']} has no class folders; expected {root}/train/<class>/<image>")
     for name, names in class_names.items():
         if names != classes:
-            _raise_class_mismatch(name, set(names), set(classes))
+            _raise_class_mismatch(str(split_dirs[name]), name, set(names), set(classes))
     splits: dict[str, list[Sample]] = {}
     ignored: list[str] = []
     for name, directory in split_dirs.items():
         splits[name] = []
         for label, class_name in enumerate(classes):
             class_dir = directory / class_name
-            files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+            files = sorted(
+                p for p in class_dir.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(class_dir).parent)
+            )
             images = [p for p in files if is_image_file(p)]
             ignored += [p.relative_to(root).as_posix() for p in files if not is_image_file(p)]
             if not images:
@@ -128,7 +141,7 @@ def _read_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]], list[
 
 
 def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
         if not {"path", "label"} <= columns:
@@ -153,19 +166,26 @@ def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
     for name, rows_of_split in by_split.items():
         labels = {label for _, label in rows_of_split}
         if labels != set(classes):
-            _raise_class_mismatch(name, labels, set(classes))
+            _raise_class_mismatch(str(path), name, labels, set(classes))
     index = {name: label for label, name in enumerate(classes)}
     splits = {name: [Sample(image, index[label]) for image, label in items] for name, items in by_split.items()}
     return classes, splits
 
 
-def _raise_class_mismatch(split: str, found: set[str], expected: set[str]) -> None:
+def _raise_class_mismatch(source: str, split: str, found: set[str], expected: set[str]) -> None:
     parts = []
     if found - expected:
         parts.append(f"not in train: {', '.join(sorted(found - expected, key=natural_key))}")
     if expected - found:
         parts.append(f"missing: {', '.join(sorted(expected - found, key=natural_key))}")
-    raise FPTError(f"split '{split}' has a different class set than train ({'; '.join(parts)})")
+    raise FPTError(
+        f"{source}: split '{split}' has a different class set than train ({'; '.join(parts)}); every split needs "
+        "the same classes"
+    )
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _stratified_split(
@@ -191,8 +211,9 @@ def _stratified_split(
                 f"class '{class_name}' has {len(members)} training images, too few to also make "
                 f"{' and '.join(missing)} splits; add images or provide the splits"
             )
+        class_size = len(members)
         for name in missing:
-            count = min(max(1, round(len(members) * fractions[name])), len(members) - 1)
+            count = min(max(1, round(class_size * fractions[name])), len(members) - 1)
             result[name] += members[:count]
             members = members[count:]
         result["train"] += members
