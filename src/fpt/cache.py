@@ -146,7 +146,12 @@ class FeatureCache:
             "layout": {"shape": list(layout.shape), "dtype": layout.dtype},
         }
         temporary = directory / f"{MANIFEST_NAME}.tmp"
-        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+        try:
+            temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise disk_full_error(directory, cached=0) from None
+            raise
         temporary.replace(directory / MANIFEST_NAME)
         return cls(directory, fingerprint, layout)
 
@@ -220,10 +225,7 @@ class CacheWriter:
             os.fsync(self.index.fileno())
         except OSError as error:
             if error.errno == errno.ENOSPC:
-                raise FPTError(
-                    f"disk full while writing the feature cache {self.cache.directory}; the "
-                    f"{len(self.cache)} images cached so far are kept: free space and rerun to continue"
-                ) from None
+                raise disk_full_error(self.cache.directory, cached=len(self.cache)) from None
             raise
         for i, key in enumerate(keys):
             self.cache.entries[key] = (self.shard_name, self.slots + i)
@@ -242,6 +244,13 @@ class CacheWriter:
         if self.shard is not None:
             self.shard.close()
         self.index.close()
+
+
+def disk_full_error(directory: Path, cached: int) -> FPTError:
+    return FPTError(
+        f"disk full while writing the feature cache {directory}; the {cached} images cached so far are kept: "
+        "free space and rerun to continue"
+    )
 
 
 def _read_index(path: Path) -> dict[str, tuple[str, int]]:

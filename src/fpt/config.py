@@ -35,6 +35,7 @@ class FPTConfig:
     """
 
     method: ClassVar[str] = "fpt"
+    uses_lpm: ClassVar[bool] = True
 
     backbone: BackboneSpec
     num_classes: int
@@ -100,7 +101,20 @@ class FPTPlusConfig(FPTConfig):
         return list(range(depth // 2, depth))
 
 
-METHOD_CONFIGS: dict[str, type[FPTConfig]] = {config.method: config for config in (FPTConfig, FPTPlusConfig)}
+@dataclass
+class SideOnlyConfig(FPTPlusConfig):
+    """The FPT+ side network alone, without prompts and without the LPM: the control that shows what the
+    down-sampled view carries by itself. Sized exactly like FPT+'s side network (the backbone's width,
+    heads, patch size and tapped-layer count); fusion fields are unused.
+    """
+
+    method: ClassVar[str] = "side-only"
+    uses_lpm: ClassVar[bool] = False
+
+
+METHOD_CONFIGS: dict[str, type[FPTConfig]] = {
+    config.method: config for config in (FPTConfig, FPTPlusConfig, SideOnlyConfig)
+}
 
 
 def config_from_dict(data: dict[str, Any]) -> FPTConfig:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from fpt.errors import FPTError
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import num_important_tokens
 
@@ -19,7 +20,10 @@ def model_info(model: FPTModel) -> dict[str, Any]:
     head, as in the FPT papers (1.81 % for FPT and 1.03 % for FPT+ on ViT-B/16 at 384 px, 5 classes).
     """
     if model.encoder is None:
-        raise ValueError("model_info needs the model's LPM (build it with load_lpm=True)")
+        raise FPTError(
+            f"info counts a model together with its LPM; this {model.config.method} model has none "
+            f"({model.num_learnable_params():,} learnable parameters, nothing frozen)"
+        )
     config, geometry = model.config, model.geometry
     learnable = model.num_learnable_params()
     frozen = sum(p.numel() for p in model.encoder.parameters())

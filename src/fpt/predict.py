@@ -76,6 +76,8 @@ def predict_images(
     target = select_device(device or run.training.device)
     model = FPTModel.from_pretrained(directory).to(target).eval()
     config = model.config
+    if explain_dir is not None and not config.uses_lpm:
+        raise FPTError(f"--explain needs a method with prompts; this run trained {config.method}")
     to_lpm = lpm_view(config.lpm_input_size, run.normalization)
     to_side = side_view(config.side_input_size, run.normalization, augmentation=None)
     if explain_dir is not None:
@@ -90,8 +92,12 @@ def predict_images(
         lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target)
         side_batch = torch.stack([to_side(p) for p in pixels]).to(target)
         with torch.no_grad(), autocast(target, run.training.precision):
-            features = model.encode(lpm_batch)
-            probabilities = model(side_batch, features.keys, features.values).float().softmax(dim=-1).cpu()
+            if config.uses_lpm:
+                features = model.encode(lpm_batch)
+                logits = model(side_batch, features.keys, features.values)
+            else:
+                logits = model(side_batch)
+            probabilities = logits.float().softmax(dim=-1).cpu()
             attention = prompt_attention_map(model, features, config.lpm_input_size).cpu() if explain_dir else None
         for index, path in enumerate(chunk):
             row = probabilities[index].tolist()

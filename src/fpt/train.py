@@ -39,7 +39,7 @@ from fpt.data.loaders import SampleViews, worker_count
 from fpt.data.transforms import Augmentation, Normalization, dataset_normalization, lpm_view, side_view
 from fpt.errors import FPTError
 from fpt.metrics import METRIC_NAMES, classification_metrics
-from fpt.models.backbone import backbone_mean_std
+from fpt.models.backbone import backbone_mean_std, load_backbone
 from fpt.models.fpt import WEIGHTS_NAME, FPTModel
 from fpt.report import write_report
 from fpt.runtime import PRECISIONS, Precision, autocast, progress_bar, seed_everything, select_device
@@ -168,7 +168,7 @@ class Run:
             side_view=side_view(
                 config.side_input_size, self.normalization, training.augmentation if is_train else None
             ),
-            lpm_view=None if cache is not None else lpm_view(config.lpm_input_size, self.normalization),
+            lpm_view=lpm_view(config.lpm_input_size, self.normalization) if cache is None and config.uses_lpm else None,
             cache=cache,
         )
         return DataLoader(
@@ -194,9 +194,11 @@ def train(
         raise FPTError(
             f"{run_dir} already holds a run; continue it with `fpt train --resume {run_dir}` or pick a new --run"
         )
+    if training.cache_dir is not None:  # recorded absolute, so the run can be evaluated from anywhere
+        training = replace(training, cache_dir=str(Path(training.cache_dir).resolve()))
     dataset, model, normalization = prepare(data, model_config, training, progress)
     fingerprint = None
-    if training.cache_dir is not None:
+    if training.cache_dir is not None and model.config.uses_lpm:
         summary = preload(
             model,
             dataset,
@@ -230,15 +232,23 @@ def prepare(
         train_paths = [str(dataset.root / s.path) for s in dataset.splits["train"]]
         normalization = dataset_normalization(train_paths, num_workers=worker_count(training.num_workers))
     else:
-        normalization = Normalization(*backbone_mean_std(model.encoder.model))
+        with torch.device("meta"):  # only the pre-training statistics are read
+            normalization = Normalization(*backbone_mean_std(load_backbone(config.backbone, pretrained=False)))
     return dataset, model, normalization
 
 
 def resume(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Continue an interrupted run from its last checkpoint (weights, optimizer, schedule, RNG, best score)."""
+    """Continue an interrupted run from its last checkpoint (weights, optimizer, schedule, RNG, best score).
+
+    A run stopped before its first checkpoint starts again from its recorded setup, exactly as it began.
+    """
     run = Run.load(run_dir)
     if checkpoint_dir(run.directory, "last") is None:
-        raise FPTError(f"{run_dir} has no checkpoint to resume from yet; start it again with `fpt train`")
+        seed_everything(run.training.seed)  # the same initialisation as the interrupted start
+        model = FPTModel.from_config(run.model_config)
+        if run.cache_fingerprint is not None:
+            model.encoder = None
+        return _fit(run, model, resume=False, progress=progress)
     model = FPTModel.from_config(run.model_config, load_lpm=run.cache_fingerprint is None)
     return _fit(run, model, resume=True, progress=progress)
 
@@ -363,11 +373,13 @@ def _train_epoch(
 
 
 def model_logits(model: FPTModel, batch: dict[str, Tensor], device: torch.device) -> Tensor:
-    """Logits of a batch from ``SampleViews``: from cached keys/values when present, else via the LPM."""
+    """Logits of a batch from ``SampleViews``: from cached keys/values, via the LPM, or (side-only) neither."""
     side = batch["side"].to(device, non_blocking=True)
     if "keys" in batch:
         return model(side, batch["keys"].to(device, non_blocking=True), batch["values"].to(device, non_blocking=True))
-    return model.forward_images(batch["lpm"].to(device, non_blocking=True), side)
+    if "lpm" in batch:
+        return model.forward_images(batch["lpm"].to(device, non_blocking=True), side)
+    return model(side)
 
 
 @torch.no_grad()

@@ -52,13 +52,17 @@ class FPTModel(nn.Module):
         side_dim = geometry.embed_dim // config.side_width_divisor
         self.config = replace(config, tapped_layers=tapped_layers)
         self.geometry = geometry
-        self.fusion = FUSION_MODULES[config.method](
-            num_layers=len(tapped_layers),
-            num_prompts=config.num_prompts,
-            lpm_dim=geometry.embed_dim,
-            num_heads=geometry.num_heads,
-            side_dim=side_dim,
-            dropout=config.prompt_dropout,
+        self.fusion = (
+            FUSION_MODULES[config.method](
+                num_layers=len(tapped_layers),
+                num_prompts=config.num_prompts,
+                lpm_dim=geometry.embed_dim,
+                num_heads=geometry.num_heads,
+                side_dim=side_dim,
+                dropout=config.prompt_dropout,
+            )
+            if config.uses_lpm
+            else None
         )
         self.side = SideViT(
             img_size=config.side_input_size,
@@ -78,7 +82,7 @@ class FPTModel(nn.Module):
             load_lpm: build the frozen LPM; False reads only its geometry (for training from a cache).
             pretrained_lpm: load the LPM's pre-trained weights; False keeps a random init (for counting).
         """
-        if not load_lpm:
+        if not load_lpm or not config.uses_lpm:
             with torch.device("meta"):
                 geometry = LPMGeometry.from_model(load_backbone(config.backbone, pretrained=False))
             return cls(config, geometry)
@@ -128,11 +132,20 @@ class FPTModel(nn.Module):
             raise FPTError("this model was built without its LPM (load_lpm=False); it can only use cached features")
         return self.encoder(lpm_images)
 
-    def forward(self, side_images: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] -> logits [B, num_classes]."""
+    def forward(self, side_images: Tensor, keys: Tensor | None = None, values: Tensor | None = None) -> Tensor:
+        """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] -> logits [B, num_classes].
+
+        The side-only control takes no keys/values.
+        """
+        if self.fusion is None:
+            return self.side(side_images)
+        if keys is None or values is None:
+            raise FPTError(f"{self.config.method} needs the LPM's keys and values")
         return self.side(side_images, self.fusion(keys, values))
 
     def forward_images(self, lpm_images: Tensor, side_images: Tensor) -> Tensor:
         """Logits [B, num_classes] straight from the two views, running the LPM on the fly."""
+        if self.fusion is None:
+            return self.side(side_images)
         features = self.encode(lpm_images)
         return self(side_images, features.keys, features.values)

@@ -1,0 +1,466 @@
+"""Training: cache and on-the-fly paths, seeding, the run directory, checkpoint selection, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import fpt.train
+from fpt.cache import CacheWriter, FeatureCache, preload
+from fpt.data.loaders import SampleViews
+from fpt.data.transforms import lpm_view, side_view
+from fpt.errors import FPTError
+from fpt.models.frozen_encoder import FrozenEncoder
+from fpt.train import evaluate_run, model_logits, prepare, resume, train
+from tests.conftest import randomize_
+from tests.pipeline_fixtures import (
+    CLASSES,
+    NUM_IMAGES,
+    SPLIT_SIZES,
+    fast_training,
+    interrupt_at_epoch,
+    metric_lines,
+    read_json,
+    tiny_config,
+)
+
+pytest_plugins = ("tests.pipeline_fixtures",)
+
+METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "kappa")
+
+
+def test_run_directory_holds_config_splits_metrics_events_checkpoints_results_and_report(trained_run: Path) -> None:
+    run = read_json(trained_run / "run.json")
+    assert run["model"]["method"] == "fpt+"
+    assert run["model"]["num_classes"] == 3
+    assert run["model"]["class_names"] == list(CLASSES)
+    assert run["model"]["tapped_layers"] == [2, 3]  # resolved from the preset
+    assert run["training"]["epochs"] == 2
+    assert run["training"]["seed"] == 0
+    assert run["cache_fingerprint"] == FeatureCache.open(run["training"]["cache_dir"]).fingerprint
+    assert Path(run["data_source"]).is_absolute()
+
+    splits = read_json(trained_run / "splits.json")
+    assert splits["classes"] == list(CLASSES)
+    assert {name: len(rows) for name, rows in splits["splits"].items()} == {
+        name: len(CLASSES) * count for name, count in SPLIT_SIZES.items()
+    }
+
+    lines = metric_lines(trained_run)
+    assert [line["epoch"] for line in lines] == [1, 2]
+    for line in lines:
+        assert {"train_loss", "val_loss", "lr", *(f"val_{m}" for m in METRICS)} <= line.keys()
+        assert np.isfinite(line["train_loss"]) and np.isfinite(line["val_loss"])
+
+    events = EventAccumulator(str(trained_run / "tensorboard"))
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
+    assert [event.value for event in events.Scalars("val/loss")] == pytest.approx([x["val_loss"] for x in lines])
+
+    for name in ("best", "last"):
+        files = {path.name for path in (trained_run / "checkpoints" / name).iterdir()}
+        assert {"config.json", "model.safetensors"} <= files
+    assert {"optimizer.safetensors", "state.json"} <= {p.name for p in (trained_run / "checkpoints" / "last").iterdir()}
+
+    results = read_json(trained_run / "results.json")
+    assert results["classes"] == list(CLASSES)
+    assert results["best_epoch"] in (1, 2)
+    for name in ("best", "last"):
+        assert results[name]["num_samples"] == len(CLASSES) * SPLIT_SIZES["test"]
+        assert {*METRICS, "loss", "confusion_matrix"} <= results[name].keys()
+
+    report = (trained_run / "report.html").read_text()
+    for png in ("curves.png", "confusion_best.png", "confusion_last.png", "roc_best.png", "roc_last.png"):
+        assert f"src='{png}'" in report
+        with Image.open(trained_run / png) as image:
+            assert image.format == "PNG"
+            assert min(image.size) > 100
+
+
+def test_nothing_in_a_run_directory_is_pickled(trained_run: Path) -> None:
+    suffixes = {path.suffix for path in trained_run.rglob("*") if path.is_file() and path.parent.name != "tensorboard"}
+    assert suffixes <= {".json", ".jsonl", ".safetensors", ".csv", ".html", ".png"}
+    for path in (trained_run / "checkpoints").rglob("*"):
+        if path.suffix == ".safetensors":
+            assert load_file(path)  # loads without unpickling anything
+        elif path.is_file():
+            json.loads(path.read_text())
+
+
+def test_checkpoints_hold_only_the_trainable_weights_and_the_training_state(trained_run: Path) -> None:
+    weights = load_file(trained_run / "checkpoints" / "last" / "model.safetensors")
+    assert weights and all(key.startswith(("fusion.", "side.")) for key in weights)
+    optimizer = load_file(trained_run / "checkpoints" / "last" / "optimizer.safetensors")
+    assert "rng.cpu" in optimizer
+    assert {key.rsplit(".", 1)[-1] for key in optimizer if key.startswith("optimizer.")} == {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+    }
+    state = read_json(trained_run / "checkpoints" / "last" / "state.json")
+    assert state["epoch"] == 1  # 0-based index of the last finished epoch
+    assert state["best"]["epoch"] == read_json(trained_run / "results.json")["best_epoch"]
+
+
+def test_cached_and_on_the_fly_features_give_the_same_logits(
+    tmp_path: Path,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+) -> None:
+    dataset, model, normalization = prepare(image_data, tiny_config(tiny_lpm_dir), fast_training(None), progress=False)
+    randomize_(model.fusion, seed=1)
+    randomize_(model.side, seed=2)
+    model.eval()
+    preload(
+        model, dataset, tmp_path / "cache", normalization, batch_size=8, num_workers=0, device="cpu", progress=False
+    )
+    cache = FeatureCache.open(tmp_path / "cache")
+    samples = dataset.splits["train"]
+    to_side = side_view(model.config.side_input_size, normalization, None)
+    cached = SampleViews(dataset.root, samples, side_view=to_side, cache=cache)
+    on_the_fly = SampleViews(
+        dataset.root, samples, side_view=to_side, lpm_view=lpm_view(model.config.lpm_input_size, normalization)
+    )
+    cpu = torch.device("cpu")
+
+    with torch.no_grad():
+        from_cache = model_logits(model, next(iter(torch.utils.data.DataLoader(cached, batch_size=12))), cpu)
+        from_lpm = model_logits(model, next(iter(torch.utils.data.DataLoader(on_the_fly, batch_size=12))), cpu)
+
+    assert from_cache.shape == (12, 3)
+    assert from_lpm.abs().max() > 0.1  # not a degenerate comparison
+    torch.testing.assert_close(from_cache, from_lpm, rtol=1e-2, atol=1e-2)  # float16 cache
+
+
+def test_training_without_a_cache_matches_training_from_a_float32_cache(
+    tmp_path: Path,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+) -> None:
+    config = tiny_config(tiny_lpm_dir)
+    cached = train(
+        image_data, tmp_path / "cached", config, fast_training(tmp_path / "cache", cache_dtype="float32"), False
+    )
+    on_the_fly = train(image_data, tmp_path / "on_the_fly", config, fast_training(None), progress=False)
+
+    assert read_json(tmp_path / "on_the_fly" / "run.json")["cache_fingerprint"] is None
+    assert read_json(tmp_path / "on_the_fly" / "run.json")["training"]["cache_dir"] is None
+    for line_cached, line_on_the_fly in zip(
+        metric_lines(tmp_path / "cached"), metric_lines(tmp_path / "on_the_fly"), strict=True
+    ):
+        assert line_on_the_fly == pytest.approx(line_cached, rel=1e-4, abs=1e-5)
+    for name in ("best", "last"):
+        assert on_the_fly[name]["loss"] == pytest.approx(cached[name]["loss"], rel=1e-4)
+        assert on_the_fly[name]["confusion_matrix"] == cached[name]["confusion_matrix"]
+    # evaluating an on-the-fly run loads the LPM again
+    assert evaluate_run(tmp_path / "on_the_fly", checkpoint="last")["loss"] == pytest.approx(
+        on_the_fly["last"]["loss"], rel=1e-6
+    )
+
+
+def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(
+    tmp_path: Path,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+) -> None:
+    config = tiny_config(tiny_lpm_dir)
+    first = train(image_data, tmp_path / "first", config, fast_training(tmp_path / "cache"), progress=False)
+    second = train(image_data, tmp_path / "second", config, fast_training(tmp_path / "cache"), progress=False)
+    other = train(image_data, tmp_path / "other", config, fast_training(tmp_path / "cache", seed=1), progress=False)
+
+    assert metric_lines(tmp_path / "first") == metric_lines(tmp_path / "second")
+    assert first == second
+    assert read_json(tmp_path / "first" / "results.json") == read_json(tmp_path / "second" / "results.json")
+    first_weights = load_file(tmp_path / "first" / "checkpoints" / "last" / "model.safetensors")
+    second_weights = load_file(tmp_path / "second" / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights)
+    losses = [line["train_loss"] for line in metric_lines(tmp_path / "other")]
+    assert losses != [line["train_loss"] for line in metric_lines(tmp_path / "first")]
+    assert other["last"]["loss"] != first["last"]["loss"]
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_resume_after_an_interruption_gives_the_same_run_as_no_interruption(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+    use_cache: bool,
+) -> None:
+    config = tiny_config(tiny_lpm_dir)
+    training = fast_training(tmp_path / "cache" if use_cache else None, epochs=3)
+    reference = train(image_data, tmp_path / "reference", config, training, progress=False)
+
+    interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(image_data, tmp_path / "interrupted", config, training, progress=False)
+    monkeypatch.undo()
+    assert [line["epoch"] for line in metric_lines(tmp_path / "interrupted")] == [1, 2]
+    assert not (tmp_path / "interrupted" / "results.json").exists()
+
+    resumed = resume(tmp_path / "interrupted", progress=False)
+
+    assert metric_lines(tmp_path / "interrupted") == metric_lines(tmp_path / "reference")
+    assert resumed == reference
+    assert read_json(tmp_path / "interrupted" / "results.json") == read_json(tmp_path / "reference" / "results.json")
+    for name in ("best", "last"):
+        got = load_file(tmp_path / "interrupted" / "checkpoints" / name / "model.safetensors")
+        want = load_file(tmp_path / "reference" / "checkpoints" / name / "model.safetensors")
+        assert all(torch.equal(got[key], want[key]) for key in want)
+    events = EventAccumulator(str(tmp_path / "interrupted" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_resume_restores_optimizer_scheduler_rng_and_best_score(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+) -> None:
+    training = fast_training(tmp_path / "cache", epochs=3)
+    interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(image_data, tmp_path / "run", tiny_config(tiny_lpm_dir), training, progress=False)
+    monkeypatch.undo()
+    saved_state = read_json(tmp_path / "run" / "checkpoints" / "last" / "state.json")
+    saved_tensors = load_file(tmp_path / "run" / "checkpoints" / "last" / "optimizer.safetensors")
+    seen: dict[str, Any] = {}
+    train_epoch = fpt.train._train_epoch
+
+    def spy(model, loader, optimizer, scheduler, scaler, criterion, device, training, epoch, progress):
+        seen.update(
+            epoch=epoch,
+            rng=torch.get_rng_state(),
+            scheduler=scheduler.state_dict(),
+            step=optimizer.state_dict()["state"][0]["step"].item(),
+            exp_avg=optimizer.state_dict()["state"][0]["exp_avg"].clone(),
+        )
+        return train_epoch(model, loader, optimizer, scheduler, scaler, criterion, device, training, epoch, progress)
+
+    monkeypatch.setattr(fpt.train, "_train_epoch", spy)
+    results = resume(tmp_path / "run", progress=False)
+
+    assert seen["epoch"] == 2
+    assert torch.equal(seen["rng"], saved_tensors["rng.cpu"])
+    assert seen["scheduler"]["last_epoch"] == saved_state["scheduler"]["last_epoch"] == 2 * 3  # 2 epochs x 3 batches
+    assert seen["step"] == saved_tensors["optimizer.0.step"].item() == 6
+    assert torch.equal(seen["exp_avg"], saved_tensors["optimizer.0.exp_avg"])
+    lines = metric_lines(tmp_path / "run")
+    best_so_far = saved_state["best"]
+    assert lines[2]["val_auc"] is not None
+    expected_best = 3 if lines[2]["val_auc"] > best_so_far["score"] else best_so_far["epoch"]
+    assert results["best_epoch"] == expected_best
+
+
+def _scripted_validation_scores(
+    monkeypatch: pytest.MonkeyPatch, scores: dict[str, list[float]]
+) -> list[dict[str, Any]]:
+    """Replace the validation metrics named in ``scores`` epoch by epoch; later calls (the test set) are real."""
+    real = fpt.train.classification_metrics
+    calls: list[dict[str, Any]] = []
+
+    def scripted(labels, probabilities):
+        metrics = real(labels, probabilities)
+        epoch = len(calls)
+        if epoch < len(next(iter(scores.values()))):
+            metrics.update({name: values[epoch] for name, values in scores.items()})
+        calls.append(metrics)
+        return metrics
+
+    monkeypatch.setattr(fpt.train, "classification_metrics", scripted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("metric", "expected_best_epoch"), [(None, 2), ("auc", 2), ("kappa", 3)], ids=["default", "auc", "kappa"]
+)
+def test_best_checkpoint_is_kept_by_the_selection_metric_and_both_are_tested(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+    metric: str | None,
+    expected_best_epoch: int,
+) -> None:
+    options = {"epochs": 4} if metric is None else {"epochs": 4, "selection_metric": metric}
+    training = fast_training(tmp_path / "cache", **options)
+    _scripted_validation_scores(monkeypatch, {"auc": [0.6, 0.9, 0.7, 0.8], "kappa": [0.1, 0.2, 0.5, 0.3]})
+    results = train(image_data, tmp_path / "run", tiny_config(tiny_lpm_dir), training, progress=False)
+    monkeypatch.undo()
+
+    lines = metric_lines(tmp_path / "run")
+    assert [line[f"val_{metric or 'auc'}"] for line in lines] == (
+        [0.1, 0.2, 0.5, 0.3] if metric == "kappa" else [0.6, 0.9, 0.7, 0.8]
+    )
+    assert results["best_epoch"] == expected_best_epoch
+    # the best checkpoint holds the weights of its epoch, the last those of the last epoch
+    best_on_val = evaluate_run(tmp_path / "run", split="val", checkpoint="best")
+    last_on_val = evaluate_run(tmp_path / "run", split="val", checkpoint="last")
+    assert best_on_val["loss"] == pytest.approx(lines[expected_best_epoch - 1]["val_loss"], rel=1e-6)
+    assert last_on_val["loss"] == pytest.approx(lines[-1]["val_loss"], rel=1e-6)
+    assert len({line["val_loss"] for line in lines}) == len(lines)  # epochs are distinguishable by their loss
+    # both are evaluated on test at the end
+    for name in ("best", "last"):
+        on_test = evaluate_run(tmp_path / "run", split="test", checkpoint=name)
+        assert on_test == results[name]
+        assert on_test["num_samples"] == len(CLASSES) * SPLIT_SIZES["test"]
+    predictions = (tmp_path / "run" / "predictions" / "test_best.csv").read_text().splitlines()
+    assert predictions[0] == "path,label,p_a,p_b,p_c"
+    assert len(predictions) == 1 + len(CLASSES) * SPLIT_SIZES["test"]
+
+
+def test_training_into_a_directory_that_holds_a_run_is_refused_pointing_to_resume(
+    trained_run: Path,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+) -> None:
+    before = (trained_run / "metrics.jsonl").read_text()
+
+    with pytest.raises(FPTError, match=r"already holds a run; continue it with `fpt train --resume"):
+        train(image_data, trained_run, tiny_config(tiny_lpm_dir), fast_training(None), progress=False)
+
+    assert (trained_run / "metrics.jsonl").read_text() == before
+
+
+def test_resume_of_a_finished_run_keeps_its_metrics_and_results(
+    tmp_path: Path,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+) -> None:
+    results = train(image_data, tmp_path / "run", tiny_config(tiny_lpm_dir), fast_training(tmp_path / "cache"), False)
+    lines = metric_lines(tmp_path / "run")
+
+    again = resume(tmp_path / "run", progress=False)
+
+    assert again == results
+    assert metric_lines(tmp_path / "run") == lines
+
+
+def test_resume_or_evaluate_of_a_folder_without_a_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FPTError, match=r"is not a training run \(no run\.json\)"):
+        resume(tmp_path)
+    with pytest.raises(FPTError, match=r"is not a training run \(no run\.json\)"):
+        evaluate_run(tmp_path)
+
+
+def test_training_preloads_only_the_missing_images_and_never_runs_the_lpm_itself(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+) -> None:
+    config = tiny_config(tiny_lpm_dir)
+    dataset, model, normalization = prepare(image_data, config, fast_training(None), progress=False)
+    add = CacheWriter.add
+
+    def add_one_batch_only(self, keys, key_states, value_states):
+        if len(self.cache) >= 8:
+            raise KeyboardInterrupt
+        add(self, keys, key_states, value_states)
+
+    monkeypatch.setattr(CacheWriter, "add", add_one_batch_only)
+    with pytest.raises(KeyboardInterrupt):
+        preload(model, dataset, tmp_path / "cache", normalization, batch_size=8, num_workers=0, progress=False)
+    monkeypatch.undo()
+    encoded: list[int] = []
+    forward = FrozenEncoder.forward
+
+    def counting_forward(self, images):
+        encoded.append(images.shape[0])
+        return forward(self, images)
+
+    monkeypatch.setattr(FrozenEncoder, "forward", counting_forward)
+    train(image_data, tmp_path / "first", config, fast_training(tmp_path / "cache"), progress=False)
+    assert sum(encoded) == NUM_IMAGES - 8  # the preload of the missing images; training itself used the cache
+    index = (tmp_path / "cache" / "index.jsonl").read_bytes()
+
+    encoded.clear()
+    train(image_data, tmp_path / "second", config, fast_training(tmp_path / "cache", seed=3), progress=False)
+
+    assert encoded == []
+    assert (tmp_path / "cache" / "index.jsonl").read_bytes() == index
+    assert len(FeatureCache.open(tmp_path / "cache")) == NUM_IMAGES
+
+
+def _interrupt_saving_last_checkpoint(monkeypatch: pytest.MonkeyPatch, epoch: int, mid_swap: bool) -> None:
+    """Raise KeyboardInterrupt while epoch ``epoch`` (1-based) saves checkpoints/last: before it starts, or after the
+    old checkpoint was moved aside but before the new one took its place."""
+    save = fpt.train._save_atomically
+    saves: list[str] = []
+
+    def interrupted_save(directory: Path, write) -> None:
+        if directory.name == "last":
+            saves.append(directory.name)
+            if len(saves) == epoch:
+                if mid_swap:
+                    temporary = directory.with_name("last.tmp")
+                    temporary.mkdir()
+                    write(temporary)
+                    directory.rename(directory.with_name("last.old"))
+                raise KeyboardInterrupt
+        save(directory, write)
+
+    monkeypatch.setattr(fpt.train, "_save_atomically", interrupted_save)
+
+
+@pytest.mark.parametrize("mid_swap", [False, True], ids=["after-metrics-line", "mid-checkpoint-swap"])
+def test_resume_after_an_interruption_between_metrics_and_checkpoint_redoes_that_epoch(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    image_data: Path,
+    tiny_lpm_dir: Path,
+    mid_swap: bool,
+) -> None:
+    config, training = tiny_config(tiny_lpm_dir), fast_training(tmp_path / "cache", epochs=3)
+    reference = train(image_data, tmp_path / "reference", config, training, progress=False)
+    _interrupt_saving_last_checkpoint(monkeypatch, epoch=3, mid_swap=mid_swap)
+    with pytest.raises(KeyboardInterrupt):
+        train(image_data, tmp_path / "run", config, training, progress=False)
+    monkeypatch.undo()
+    assert [line["epoch"] for line in metric_lines(tmp_path / "run")] == [1, 2, 3]  # epoch 3 has no checkpoint
+
+    resumed = resume(tmp_path / "run", progress=False)
+
+    assert metric_lines(tmp_path / "run") == metric_lines(tmp_path / "reference")
+    assert resumed == reference
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == ["best", "last"]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_a_run_trained_with_a_relative_cache_path_can_be_evaluated_from_another_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    results = train(image_data, "run", tiny_config(tiny_lpm_dir), fast_training(Path("cache")), progress=False)
+    monkeypatch.chdir(tmp_path)
+
+    assert evaluate_run(tmp_path / "work" / "run", checkpoint="last") == results["last"]
+
+
+def test_a_run_interrupted_in_its_first_epoch_resumes_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    config, training = tiny_config(tiny_lpm_dir), fast_training(tmp_path / "cache")
+    uninterrupted = train(image_data, tmp_path / "reference", config, training, progress=False)
+    interrupt_at_epoch(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train(image_data, tmp_path / "run", config, training, progress=False)
+    monkeypatch.undo()
+
+    results = resume(tmp_path / "run", progress=False)
+
+    assert results["best"] == uninterrupted["best"]
+    assert results["last"] == uninterrupted["last"]
