@@ -14,8 +14,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint clean
 
 demo: $(STAMP)
-	$(BIN)/fpt info --backbone vit_base_patch16_384 --method fpt --num-classes 5
-	$(BIN)/fpt info --backbone vit_base_patch16_384 --method fpt+ --num-classes 5
+	$(BIN)/fpt demo --out demo_output
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

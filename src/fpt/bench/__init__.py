@@ -1,0 +1,1 @@
+"""Benchmarks: training-memory meters and comparisons, the same harness for every method."""

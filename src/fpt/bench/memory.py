@@ -1,0 +1,99 @@
+"""Peak memory of one training step, measured the same way for every method.
+
+The step is forward, backward and the optimizer update, run once to warm up (so the optimizer state
+exists, as in steady-state training) and then measured:
+
+- on CUDA, ``torch.cuda.max_memory_allocated`` after a reset;
+- on CPU, the exact peak of live tensor bytes: the bytes alive when the step starts (parameters,
+  buffers, optimizer state, inputs) plus the highest running sum of the allocations and frees that
+  PyTorch's profiler records during the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    peak_bytes: int
+    baseline_bytes: int  # alive before the step: weights, optimizer state, inputs
+    step_seconds: float
+    device: str
+
+
+def measure_training_step(
+    model: nn.Module,
+    loss_fn: Callable[[], Tensor],
+    optimizer: torch.optim.Optimizer,
+    inputs: Sequence[Tensor] = (),
+) -> StepMemory:
+    """Peak memory of ``loss_fn().backward(); optimizer.step()`` after one warm-up step.
+
+    ``inputs`` are the batch tensors ``loss_fn`` reads (counted as alive at the start of the step).
+    """
+    _step(loss_fn, optimizer)  # warm-up: allocates the optimizer state
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        started = time.perf_counter()
+        _step(loss_fn, optimizer)
+        torch.cuda.synchronize(device)
+        return StepMemory(torch.cuda.max_memory_allocated(device), baseline, time.perf_counter() - started, str(device))
+    baseline = live_bytes([*model.parameters(), *model.buffers(), *_optimizer_tensors(optimizer), *inputs])
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        started = time.perf_counter()
+        _step(loss_fn, optimizer)
+        seconds = time.perf_counter() - started
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = highest = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        highest = max(highest, running)
+    return StepMemory(baseline + highest, baseline, seconds, str(device))
+
+
+def live_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared storages counted once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer) -> None:
+    loss = loss_fn()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    del loss
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [value for state in optimizer.state.values() for value in state.values() if isinstance(value, Tensor)]
+
+
+@contextmanager
+def _quiet_profiler() -> Iterator[None]:
+    """Silence the profiler's start/stop chatter on stderr (it writes there from C++)."""
+    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    stderr = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
