@@ -278,23 +278,11 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_preload(args: argparse.Namespace) -> int:
-    from fpt.cache import preload
-    from fpt.train import prepare
+    from fpt.train import cache_features, prepare
 
     training = training_config_from_args(args)
     dataset, model, normalization = prepare(args.data, config_from_args(args), training)
-    summary = preload(
-        model,
-        dataset,
-        training.cache_dir,
-        normalization,
-        dtype=training.cache_dtype,
-        batch_size=training.batch_size,
-        num_workers=training.num_workers,
-        device=training.device,
-        precision=training.precision,
-        overwrite=args.overwrite,
-    )
+    summary = cache_features(model, dataset, normalization, training, overwrite=args.overwrite)
     print(
         f"cache {summary.cache_dir}: {summary.computed} images computed, {summary.reused} already cached, "
         f"{summary.bytes_on_disk / 2**20:.1f} MiB on disk, {summary.seconds:.1f} s"

@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from fpt.bench.memory import measure_training_step
-from fpt.cache import preload
 from fpt.config import FPTPlusConfig, SideOnlyConfig
 from fpt.data.datasets import load_dataset
 from fpt.data.synthetic import GRADE_NAMES, write_dataset
@@ -28,7 +27,7 @@ from fpt.models.backbone import BackboneSpec
 from fpt.models.fpt import FPTModel
 from fpt.predict import predict_images
 from fpt.runtime import select_device
-from fpt.train import Run, TrainingConfig, model_logits, prepare, train
+from fpt.train import Run, TrainingConfig, cache_features, model_logits, prepare, train
 
 DEMO_SPLITS = {"train": 240, "val": 60, "test": 160}  # seeds 0-459; the LPM's pre-training used >= 1,000,000
 
@@ -73,7 +72,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
     started = time.perf_counter()
     print("[2/5] preloading the frozen LPM's keys/values (computed once)")
     dataset, model, normalization = prepare(data, fpt_plus, training)
-    summary = preload(model, dataset, training.cache_dir, normalization, batch_size=settings.batch_size)
+    summary = cache_features(model, dataset, normalization, training)
     stages["preload"] = time.perf_counter() - started
     del model
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from fpt.cache import FeatureCache, preload
+from fpt.cache import FeatureCache, PreloadSummary, preload
 from fpt.config import FPTConfig, config_from_dict
 from fpt.data.datasets import ImageDataset, load_dataset
 from fpt.data.loaders import SampleViews, worker_count
@@ -199,23 +199,36 @@ def train(
     dataset, model, normalization = prepare(data, model_config, training, progress)
     fingerprint = None
     if training.cache_dir is not None and model.config.uses_lpm:
-        summary = preload(
-            model,
-            dataset,
-            training.cache_dir,
-            normalization,
-            dtype=training.cache_dtype,
-            batch_size=training.batch_size,
-            num_workers=training.num_workers,
-            device=training.device,
-            precision=training.precision,
-            progress=progress,
-        )
+        summary = cache_features(model, dataset, normalization, training, progress=progress)
         fingerprint = FeatureCache.open(summary.cache_dir).fingerprint
         model.encoder = None  # from here on training never runs (or holds) the LPM
     run = Run(run_dir, model.config, training, str(Path(data).resolve()), normalization, dataset, fingerprint)
     run.save()
     return _fit(run, model, resume=False, progress=progress)
+
+
+def cache_features(
+    model: FPTModel,
+    dataset: ImageDataset,
+    normalization: Normalization,
+    training: TrainingConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PreloadSummary:
+    """Preload ``dataset`` into ``training.cache_dir`` with the training's dtype, batch size and device."""
+    return preload(
+        model,
+        dataset,
+        training.cache_dir,
+        normalization,
+        dtype=training.cache_dtype,
+        batch_size=training.batch_size,
+        num_workers=training.num_workers,
+        device=training.device,
+        precision=training.precision,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def prepare(
