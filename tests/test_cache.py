@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from tests.pipeline_fixtures import (
     fast_training,
     reference_features,
     tiny_config,
+    write_image_folder,
 )
 
 pytest_plugins = ("tests.pipeline_fixtures",)
@@ -241,11 +243,11 @@ def test_interrupted_preload_resumes_computing_only_the_missing_images(
     original_add = CacheWriter.add
     calls = []
 
-    def interrupted_add(self, keys, key_states, value_states):
+    def interrupted_add(self, keys, key_states, value_states, stamps=None):
         calls.append(len(keys))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        original_add(self, keys, key_states, value_states)
+        original_add(self, keys, key_states, value_states, stamps)
 
     monkeypatch.setattr(CacheWriter, "add", interrupted_add)
     with pytest.raises(KeyboardInterrupt):
@@ -368,7 +370,7 @@ def test_cache_stores_records_in_a_few_shards_plus_an_index(tmp_path: Path, setu
     run_preload(setup, tmp_path / "cache", batch_size=8)
 
     names = sorted(path.name for path in (tmp_path / "cache").iterdir())
-    assert names == ["index.jsonl", "manifest.json", "shard-00000.bin"]
+    assert names == ["cache.lock", "index.jsonl", "manifest.json", "shard-00000.bin"]
     layout = FeatureCache.open(tmp_path / "cache").layout
     assert layout.dtype == "float16"  # the default
     assert layout.nbytes == 2 * 2 * 4 * 5 * 16 * 2  # keys and values, float16
@@ -479,3 +481,37 @@ def test_disk_full_when_writing_the_manifest_is_a_clear_error(
     monkeypatch.setattr(Path, "write_text", full_disk_write_text)
     with pytest.raises(FPTError, match="disk full"):
         run_preload(setup, tmp_path / "cache")
+
+
+def test_images_changed_since_caching_are_recomputed(tmp_path: Path, tiny_lpm_dir: Path) -> None:
+    first = write_image_folder(tmp_path / "a", seed=1)
+    other = write_image_folder(tmp_path / "b", seed=2)  # the same relative paths, other pixels
+    run_preload(make_setup(first, tiny_lpm_dir), tmp_path / "cache")
+
+    setup = make_setup(other, tiny_lpm_dir)
+    summary = run_preload(setup, tmp_path / "cache")
+
+    assert (summary.computed, summary.reused) == (NUM_IMAGES, 0)
+    assert_cache_complete_and_correct(tmp_path / "cache", setup)
+
+
+def test_a_second_writer_waits_for_the_first(tmp_path: Path, setup: Setup) -> None:
+    run_preload(setup, tmp_path / "cache")
+    cache = FeatureCache.open(tmp_path / "cache")
+    entered = threading.Event()
+
+    def second_writer() -> None:
+        with FeatureCache.open(tmp_path / "cache").writer():
+            entered.set()
+
+    with cache.writer():
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        assert not entered.wait(0.5)  # blocked on the cache's lock
+    assert entered.wait(10)
+    thread.join()
+
+
+def test_the_fingerprint_records_the_precision_the_features_were_computed_in(tmp_path: Path, setup: Setup) -> None:
+    run_preload(setup, tmp_path / "cache", precision="bf16")  # on the CPU autocast does not run: fp32
+    assert FeatureCache.open(tmp_path / "cache").fingerprint["precision"] == "fp32"

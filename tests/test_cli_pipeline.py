@@ -290,3 +290,29 @@ def test_errors_inside_dataloader_workers_are_still_one_line(
     assert error.startswith(f"fpt: error: cannot decode image {data / 'test' / 'b' / 'img001.png'}")
     assert "remove or replace the file" in error
     assert "worker" not in error
+
+
+def test_resume_refuses_options_it_would_ignore_but_takes_another_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], trained_run: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["train", "--resume", str(run), "--epochs", "9"]) == 1
+    assert "only --device and --workers may change (drop --epochs)" in one_line_error(capsys)
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--workers", "0"]) == 0
+
+
+def test_relative_backbone_paths_are_recorded_absolute(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tiny_lpm_dir: Path,
+    image_data: Path,
+) -> None:
+    shutil.copytree(tiny_lpm_dir, tmp_path / "lpm")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", str(image_data), "--run", "run", *cli_model_args(Path("lpm")), *cli_run_args(Path("cache"))]
+    assert main(args) == 0
+    monkeypatch.chdir("/")
+    assert read_json(tmp_path / "run" / "run.json")["model"]["backbone"]["name"] == str(tmp_path / "lpm")
+    assert main(["predict", str(tmp_path / "run"), *map(str, sorted(image_data.rglob("*.png"))[:1])]) == 0

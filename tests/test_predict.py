@@ -163,3 +163,10 @@ def test_prompt_attention_map_is_the_fusion_attention_scattered_to_token_positio
     patches_kept = {int(t) - 1 for t in features.token_indices[0].flatten() if t >= 1}
     for patch in set(range(grid * grid)) - patches_kept:
         assert maps[0].flatten()[patch] == 0
+
+
+def test_overlay_names_stay_unique_even_against_numbered_names() -> None:
+    from fpt.predict import _unique_names
+
+    names = ["a_attention.png", "a_attention.png", "a_2_attention.png", "a_attention.png"]
+    assert len(set(_unique_names(names))) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tests.pipeline_fixtures import (
     metric_lines,
     read_json,
     tiny_config,
+    write_image_folder,
 )
 
 pytest_plugins = ("tests.pipeline_fixtures",)
@@ -363,10 +365,10 @@ def test_training_preloads_only_the_missing_images_and_never_runs_the_lpm_itself
     dataset, model, normalization = prepare(image_data, config, fast_training(None), progress=False)
     add = CacheWriter.add
 
-    def add_one_batch_only(self, keys, key_states, value_states):
+    def add_one_batch_only(self, keys, key_states, value_states, stamps=None):
         if len(self.cache) >= 8:
             raise KeyboardInterrupt
-        add(self, keys, key_states, value_states)
+        add(self, keys, key_states, value_states, stamps)
 
     monkeypatch.setattr(CacheWriter, "add", add_one_batch_only)
     with pytest.raises(KeyboardInterrupt):
@@ -464,3 +466,38 @@ def test_a_run_interrupted_in_its_first_epoch_resumes_from_the_start(
 
     assert results["best"] == uninterrupted["best"]
     assert results["last"] == uninterrupted["last"]
+
+
+def test_evaluating_the_train_split_uses_plain_views(trained_run: Path) -> None:
+    first = evaluate_run(trained_run, split="train", checkpoint="last", device="cpu")
+    again = evaluate_run(trained_run, split="train", checkpoint="last", device="cpu")
+    assert first == again  # no random crops, flips or jitter outside training
+
+
+def test_a_diverging_run_stops_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    monkeypatch.setattr(fpt.train, "model_logits", lambda *args: torch.full((4, 3), float("nan"), requires_grad=True))
+    with pytest.raises(FPTError, match="training diverged"):
+        train(image_data, tmp_path / "run", tiny_config(tiny_lpm_dir), fast_training(None), progress=False)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"lr": -1.0}, {"label_smoothing": 1.5}, {"num_workers": -1}, {"clip_grad_norm": 0.0}],
+)
+def test_impossible_training_settings_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(FPTError):
+        fast_training(None, **options)
+
+
+def test_test_predictions_survive_commas_in_paths(tmp_path: Path, tiny_lpm_dir: Path) -> None:
+    data = tmp_path / "data"
+    write_image_folder(data)
+    for path in sorted((data / "test").rglob("*.png")):
+        path.rename(path.with_name(f"patient 1, {path.name}"))
+    results = train(data, tmp_path / "run", tiny_config(tiny_lpm_dir), fast_training(None), progress=False)
+    with (tmp_path / "run" / "predictions" / "test_best.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(row["path"].split("/")[-1].startswith("patient 1, ") for row in rows)
+    assert results["best"]["num_samples"] == len(rows)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -36,8 +36,14 @@ from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import num_important_tokens
 from fpt.runtime import Precision, autocast, progress_bar, select_device
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent preloads into one cache are then unsafe
+    fcntl = None
+
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.jsonl"
+LOCK_NAME = "cache.lock"
 CACHE_FORMAT = 1
 SHARD_BYTES = 2 * 2**30
 CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +60,7 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def cache_fingerprint(
-    config: FPTConfig, weights_sha256: str, normalization: Normalization, dtype: str
+    config: FPTConfig, weights_sha256: str, normalization: Normalization, dtype: str, precision: Precision
 ) -> dict[str, Any]:
     """Everything that determines the cached features of an image."""
     return {
@@ -66,6 +72,7 @@ def cache_fingerprint(
         "importance": config.importance,
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "dtype": dtype,
+        "precision": precision,
         "fpt_version": __version__,
     }
 
@@ -77,6 +84,12 @@ def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> 
         for key in sorted(set(expected) | set(found))
         if expected.get(key) != found.get(key)
     ]
+
+
+class CacheEntry(NamedTuple):
+    shard: str
+    slot: int
+    stamp: list[int] | None  # file_stamp of the image when it was cached
 
 
 @dataclass(frozen=True)
@@ -102,7 +115,7 @@ class FeatureCache:
         self.directory = directory
         self.fingerprint = fingerprint
         self.layout = layout
-        self.entries: dict[str, tuple[str, int]] = _read_index(directory / INDEX_NAME)
+        self.entries: dict[str, CacheEntry] = _read_index(directory / INDEX_NAME)
         self._shards: dict[str, np.memmap] = {}
 
     @classmethod
@@ -161,8 +174,14 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def missing(self, keys: Sequence[str]) -> list[str]:
-        return [key for key in keys if key not in self.entries]
+    def missing(self, keys: Sequence[str], root: Path | None = None) -> list[str]:
+        """Keys without an entry; with the data ``root``, also those whose image file changed since caching
+        (another dataset with the same relative paths, or an image replaced in place)."""
+        return [
+            key
+            for key in keys
+            if key not in self.entries or (root is not None and self.entries[key].stamp != file_stamp(root / key))
+        ]
 
     def size_on_disk(self) -> int:
         return sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
@@ -170,7 +189,7 @@ class FeatureCache:
     def get(self, key: str) -> tuple[Tensor, Tensor]:
         """Cached keys and values of one image, each [L, H, T, d_head] in the cache dtype."""
         try:
-            shard, slot = self.entries[key]
+            shard, slot, _ = self.entries[key]
         except KeyError:
             raise FPTError(
                 f"image '{key}' is not in the feature cache {self.directory}; run `fpt preload` again to add it"
@@ -199,14 +218,25 @@ class CacheWriter:
 
     def __init__(self, cache: FeatureCache) -> None:
         self.cache = cache
+        self.lock = open(cache.directory / LOCK_NAME, "a")  # noqa: SIM115 (closed in close())
+        if fcntl is not None:
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+        cache.entries = _read_index(cache.directory / INDEX_NAME)  # what writers before us added
         _drop_partial_last_line(cache.directory / INDEX_NAME)
         self.index: BinaryIO = open(cache.directory / INDEX_NAME, "ab")  # noqa: SIM115 (closed in close())
         self.shard: BinaryIO | None = None
         self.shard_name = ""
         self.slots = 0
 
-    def add(self, keys: Sequence[str], key_states: Tensor, value_states: Tensor) -> None:
-        """Store a batch: image keys and their keys/values [B, L, H, T, d_head]."""
+    def add(
+        self,
+        keys: Sequence[str],
+        key_states: Tensor,
+        value_states: Tensor,
+        stamps: Sequence[list[int] | None] | None = None,
+    ) -> None:
+        """Store a batch: image keys, their keys/values [B, L, H, T, d_head] and their files' ``file_stamp``."""
+        stamps = stamps if stamps is not None else [None] * len(keys)
         layout = self.cache.layout
         records = torch.stack([key_states, value_states], dim=1).to("cpu", layout.torch_dtype).contiguous()
         data = records.view(len(keys), -1).view(torch.uint8).numpy()
@@ -217,8 +247,8 @@ class CacheWriter:
             self.shard.flush()
             os.fsync(self.shard.fileno())
             lines = [
-                json.dumps({"key": key, "shard": self.shard_name, "slot": self.slots + i}) + "\n"
-                for i, key in enumerate(keys)
+                json.dumps({"key": key, "shard": self.shard_name, "slot": self.slots + i, "stamp": stamp}) + "\n"
+                for i, (key, stamp) in enumerate(zip(keys, stamps, strict=True))
             ]
             self.index.write("".join(lines).encode())
             self.index.flush()
@@ -227,8 +257,8 @@ class CacheWriter:
             if error.errno == errno.ENOSPC:
                 raise disk_full_error(self.cache.directory, cached=len(self.cache)) from None
             raise
-        for i, key in enumerate(keys):
-            self.cache.entries[key] = (self.shard_name, self.slots + i)
+        for i, (key, stamp) in enumerate(zip(keys, stamps, strict=True)):
+            self.cache.entries[key] = CacheEntry(self.shard_name, self.slots + i, stamp)
         self.slots += len(keys)
 
     def _next_shard(self) -> None:
@@ -244,6 +274,7 @@ class CacheWriter:
         if self.shard is not None:
             self.shard.close()
         self.index.close()
+        self.lock.close()  # releases the lock
 
 
 def disk_full_error(directory: Path, cached: int) -> FPTError:
@@ -253,8 +284,14 @@ def disk_full_error(directory: Path, cached: int) -> FPTError:
     )
 
 
-def _read_index(path: Path) -> dict[str, tuple[str, int]]:
-    entries: dict[str, tuple[str, int]] = {}
+def file_stamp(path: Path) -> list[int]:
+    """[size, modification time in ns] of an image file: changes when the file is replaced."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _read_index(path: Path) -> dict[str, CacheEntry]:
+    entries: dict[str, CacheEntry] = {}
     if not path.is_file():
         return entries
     with path.open("rb") as handle:
@@ -262,7 +299,7 @@ def _read_index(path: Path) -> dict[str, tuple[str, int]]:
             if not line.endswith(b"\n"):  # the unfinished tail of an interrupted write
                 break
             entry = json.loads(line)
-            entries[entry["key"]] = (entry["shard"], entry["slot"])
+            entries[entry["key"]] = CacheEntry(entry["shard"], entry["slot"], entry.get("stamp"))
     return entries
 
 
@@ -301,34 +338,39 @@ def preload(
 
     Images already in the cache are skipped, so an interrupted preload resumes where it stopped.
     """
+    if not model.config.uses_lpm:
+        raise FPTError(f"{model.config.method} does not read the LPM: there are no features to preload")
     if model.encoder is None:
         raise FPTError("preloading needs the model's LPM (build it with load_lpm=True)")
     if dtype not in CACHE_DTYPES:
         raise FPTError(f"cache dtype '{dtype}' is not one of {', '.join(CACHE_DTYPES)}")
     start = time.perf_counter()
     config, geometry = model.config, model.geometry
-    fingerprint = cache_fingerprint(config, weights_digest(model.encoder.model), normalization, dtype)
+    target = select_device(device)
+    effective_precision = precision if target.type == "cuda" else "fp32"  # autocast only runs on GPUs
+    digest = weights_digest(model.encoder.model)
+    fingerprint = cache_fingerprint(config, digest, normalization, dtype, effective_precision)
     kept = num_important_tokens(geometry.num_tokens(config.lpm_input_size), config.token_ratio)
     layout = RecordLayout((len(config.tapped_layers), geometry.num_heads, kept, geometry.head_dim), dtype)
     cache = FeatureCache.create(cache_dir, fingerprint, layout, overwrite=overwrite)
 
     samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
-    missing = [samples[key] for key in cache.missing(list(samples))]
-    target = select_device(device)
-    encoder = model.encoder.to(target)
-    views = SampleViews(dataset.root, missing, lpm_view=lpm_view(config.lpm_input_size, normalization))
-    loader = DataLoader(
-        views, batch_size=batch_size, num_workers=worker_count(num_workers), pin_memory=target.type == "cuda"
-    )
-    with (
-        cache.writer() as writer,
-        progress_bar(total=len(missing), unit="img", desc="preload", enabled=progress and bool(missing)) as bar,
-    ):
-        for batch in loader:
-            with autocast(target, precision):
-                features = encoder(batch["lpm"].to(target, non_blocking=True))
-            writer.add([missing[i].path for i in batch["index"].tolist()], features.keys, features.values)
-            bar.update(len(batch["index"]))
+    with cache.writer() as writer:  # holds the cache's lock: a concurrent preload waits, then reuses our work
+        missing = [samples[key] for key in cache.missing(list(samples), dataset.root)]
+        encoder = model.encoder.to(target)
+        views = SampleViews(dataset.root, missing, lpm_view=lpm_view(config.lpm_input_size, normalization))
+        loader = DataLoader(
+            views, batch_size=batch_size, num_workers=worker_count(num_workers), pin_memory=target.type == "cuda"
+        )
+        bar = progress_bar(total=len(missing), unit="img", desc="preload", enabled=progress and bool(missing))
+        with bar:
+            for batch in loader:
+                with autocast(target, precision):
+                    features = encoder(batch["lpm"].to(target, non_blocking=True))
+                paths = [missing[i].path for i in batch["index"].tolist()]
+                stamps = [file_stamp(dataset.root / path) for path in paths]
+                writer.add(paths, features.keys, features.values, stamps)
+                bar.update(len(paths))
     return PreloadSummary(
         cache_dir=Path(cache_dir),
         computed=len(missing),

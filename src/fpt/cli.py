@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser(
         "info",
         help="count learnable/frozen parameters, kept tokens and cache size of a configuration",
-        description="Build the model (random weights, nothing downloaded) and print its learnable and frozen "
+        description="Build the model (random weights, no weights downloaded) and print its learnable and frozen "
         "parameters, tapped layers, tokens kept per layer and the feature-cache bytes per image.",
     )
     add_model_arguments(info, num_classes_required=True)
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     preload.add_argument("data", metavar="DATA", help="dataset folder (ROOT/{train,val,test}/<class>/) or CSV")
     add_model_arguments(preload)
     _add_data_arguments(preload)
-    preload.add_argument("--overwrite", action="store_true", help="empty a cache built with other settings")
+    preload.add_argument(
+        "--overwrite", action="store_true", help="empty the cache first (needed when it was built with other settings)"
+    )
     preload.set_defaults(handler=_run_preload)
 
     train = commands.add_parser(
@@ -180,7 +182,7 @@ def config_from_args(args: argparse.Namespace) -> FPTConfig:
         "importance": args.importance,
     }
     return METHOD_CONFIGS[args.method](
-        backbone=BackboneSpec(args.backbone, weights=args.backbone_weights),
+        backbone=BackboneSpec(args.backbone, weights=args.backbone_weights).with_absolute_paths(),
         num_classes=getattr(args, "num_classes", None) or 1,
         **{name: value for name, value in overrides.items() if value is not None},
     )
@@ -294,7 +296,13 @@ def _run_train(args: argparse.Namespace) -> int:
     from fpt.train import resume, train
 
     if args.resume:
-        results = resume(args.resume)
+        ignored = _options_given_with_resume(args)
+        if ignored:
+            raise FPTError(
+                f"--resume continues a run with its recorded settings; only --device and --workers may change "
+                f"(drop {', '.join(ignored)})"
+            )
+        results = resume(args.resume, device=args.device, num_workers=args.workers)
         run_dir = Path(args.resume)
     else:
         if not args.data or not args.run:
@@ -304,6 +312,18 @@ def _run_train(args: argparse.Namespace) -> int:
     print(_metrics_table({name: results[name] for name in ("best", "last")}))
     print(f"run written to {run_dir} (report: {run_dir / 'report.html'})")
     return 0
+
+
+def _options_given_with_resume(args: argparse.Namespace) -> list[str]:
+    """Options that ``--resume`` would ignore, as the user typed them."""
+    defaults = {"backbone": DEFAULT_BACKBONE, "method": "fpt+", "no_cache": False, "balanced": False}
+    allowed = {"resume", "device", "workers", "handler"}
+    given = [
+        name
+        for name, value in vars(args).items()
+        if name not in allowed and value != defaults.get(name) and value is not None
+    ]
+    return ["DATA" if name == "data" else f"--{name.replace('_', '-')}" for name in given]
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

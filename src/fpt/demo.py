@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from fpt.bench.memory import measure_training_step
 from fpt.config import FPTPlusConfig, SideOnlyConfig
@@ -118,7 +117,7 @@ def training_step_peak_bytes(run: Run) -> int:
     cache = run.open_cache()
     model = FPTModel.from_config(run.model_config, load_lpm=False)
     model.train()
-    batch = next(iter(DataLoader(run.loader("train", cache).dataset, batch_size=run.training.batch_size)))
+    batch = next(iter(run.loader("train", cache, torch.Generator().manual_seed(run.training.seed))))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.training.lr)
     labels = batch["label"]
     device = torch.device("cpu")
@@ -162,9 +161,8 @@ def _explain_examples(run_dir: Path, data: Path, count: int, output: Path) -> li
     predictions = predict_images(run_dir, paths, explain_dir=output, progress=False)
     examples = []
     for sample, path, prediction in zip(chosen, paths, predictions, strict=True):
-        overlay = output / f"{path.stem}_attention.png"
         caption = f"true {dataset.classes[sample.label]}, FPT+ predicts {prediction.predicted}"
-        examples.append((str(path), str(overlay), caption))
+        examples.append((str(path), prediction.overlay, caption))
     return examples
 
 

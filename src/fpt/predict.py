@@ -27,6 +27,7 @@ class Prediction:
     path: str
     probabilities: list[float]
     predicted: str
+    overlay: str | None = None  # the prompt-attention PNG, when explained
 
 
 def prompt_attention_map(model: FPTModel, features: LPMFeatures, lpm_input_size: int) -> Tensor:
@@ -89,7 +90,7 @@ def predict_images(
     for start in progress_bar(range(0, len(paths), batch_size), enabled=progress, desc="predict", unit="batch"):
         chunk = paths[start : start + batch_size]
         pixels = [load_image(path) for path in chunk]
-        lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target)
+        lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target) if config.uses_lpm else None
         side_batch = torch.stack([to_side(p) for p in pixels]).to(target)
         with torch.no_grad(), autocast(target, run.training.precision):
             if config.uses_lpm:
@@ -101,17 +102,25 @@ def predict_images(
             attention = prompt_attention_map(model, features, config.lpm_input_size).cpu() if explain_dir else None
         for index, path in enumerate(chunk):
             row = probabilities[index].tolist()
-            predictions.append(Prediction(str(path), row, config.class_names[int(np.argmax(row))]))
+            overlay = None
             if attention is not None:
                 resized = F.interpolate(pixels[index][None], size=lpm_batch.shape[-2:], mode="bilinear", antialias=True)
-                save_overlay(resized[0], attention[index], explain_dir / overlay_names[start + index])
+                overlay = explain_dir / overlay_names[start + index]
+                save_overlay(resized[0], attention[index], overlay)
+            predicted = config.class_names[int(np.argmax(row))]
+            predictions.append(Prediction(str(path), row, predicted, str(overlay) if overlay else None))
     return predictions
 
 
 def _unique_names(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
+    """The names, with _2, _3, ... before '_attention' where one is already taken."""
+    taken: set[str] = set()
     unique = []
     for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else name.replace("_attention", f"_{seen[name]}_attention"))
+        candidate, number = name, 1
+        while candidate in taken:
+            number += 1
+            candidate = name.replace("_attention", f"_{number}_attention")
+        taken.add(candidate)
+        unique.append(candidate)
     return unique

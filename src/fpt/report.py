@@ -62,8 +62,8 @@ def _format(value: Any) -> str:
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> str:
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_axis.plot(epochs, [row["train_loss"] for row in history], label="train")
-    loss_axis.plot(epochs, [row["val_loss"] for row in history], label="validation")
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], label="train (training criterion)")
+    loss_axis.plot(epochs, [row["val_loss"] for row in history], label="validation (plain cross-entropy)")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     loss_axis.legend()
     for name in ("auc", "accuracy", "kappa"):

@@ -15,6 +15,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -106,6 +107,20 @@ class TrainingConfig:
             raise FPTError("normalization must be 'backbone' or 'auto'")
         if self.epochs < 1 or self.batch_size < 1:
             raise FPTError("epochs and batch size must be positive")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise FPTError("learning rate must be positive, weight decay and warm-up not negative")
+        if not 0 <= self.label_smoothing < 1:
+            raise FPTError("label smoothing must be in [0, 1)")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise FPTError("--workers must not be negative")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise FPTError("gradient clipping norm must be positive (0 on the command line disables it)")
+        augmentation = self.augmentation
+        low, high = augmentation.crop_scale
+        if not 0 < low <= high <= 1 or not 0 < augmentation.crop_ratio[0] <= augmentation.crop_ratio[1]:
+            raise FPTError("crop scale must satisfy 0 < A <= B <= 1 and crop ratio 0 < A <= B")
+        if not 0 <= augmentation.hflip <= 1 or augmentation.brightness < 0 or augmentation.contrast < 0:
+            raise FPTError("flip probability must be in [0, 1] and jitter strengths not negative")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
@@ -159,9 +174,9 @@ class Run:
         return FeatureCache.open(self.training.cache_dir, self.cache_fingerprint)
 
     def loader(self, split: str, cache: FeatureCache | None, generator: torch.Generator | None = None) -> DataLoader:
-        """Batches of ``split``: augmented and shuffled (by ``generator``) for train, plain otherwise."""
+        """Batches of ``split``; with a ``generator`` shuffled by it and augmented (for training), else plain."""
         config, training = self.model_config, self.training
-        is_train = split == "train"
+        is_train = generator is not None
         views = SampleViews(
             self.dataset.root,
             self.dataset.splits[split],
@@ -250,12 +265,18 @@ def prepare(
     return dataset, model, normalization
 
 
-def resume(run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def resume(
+    run_dir: str | Path, device: str | None = None, num_workers: int | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Continue an interrupted run from its last checkpoint (weights, optimizer, schedule, RNG, best score).
 
-    A run stopped before its first checkpoint starts again from its recorded setup, exactly as it began.
+    ``device`` and ``num_workers`` may differ from the original run's (they do not change the result on the
+    same kind of device); everything else is as recorded. A run stopped before its first checkpoint starts
+    again from its recorded setup, exactly as it began.
     """
     run = Run.load(run_dir)
+    overrides = {"device": device, "num_workers": num_workers}
+    run.training = replace(run.training, **{k: v for k, v in overrides.items() if v is not None})
     if checkpoint_dir(run.directory, "last") is None:
         seed_everything(run.training.seed)  # the same initialisation as the interrupted start
         model = FPTModel.from_config(run.model_config)
@@ -379,6 +400,10 @@ def _train_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if not math.isfinite(loss.item()):
+            raise FPTError(
+                f"training diverged (loss {loss.item()}) in epoch {epoch + 1}; lower --lr, or use bf16 instead of fp16"
+            )
         total += loss.item() * len(labels)
         count += len(labels)
         bar.set_postfix(loss=f"{total / count:.4f}")
@@ -439,13 +464,14 @@ def _test_checkpoints(
     samples = run.dataset.splits["test"]
     (run.directory / "predictions").mkdir(exist_ok=True)
     for name in CHECKPOINTS:
-        model = FPTModel.from_pretrained(run.directory / "checkpoints" / name, load_lpm=cache is None).to(device)
+        model = FPTModel.from_pretrained(checkpoint_dir(run.directory, name), load_lpm=cache is None).to(device)
         labels, probabilities, loss = predict_loader(model, loader, device, run.training.precision)
         results[name] = {**classification_metrics(labels, probabilities), "loss": loss}
-        with (run.directory / "predictions" / f"test_{name}.csv").open("w") as handle:
-            handle.write(",".join(["path", "label", *(f"p_{c}" for c in run.dataset.classes)]) + "\n")
+        with (run.directory / "predictions" / f"test_{name}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", *(f"p_{c}" for c in run.dataset.classes)])
             for sample, row in zip(samples, probabilities, strict=True):
-                handle.write(",".join([sample.path, str(sample.label), *(f"{p:.6f}" for p in row)]) + "\n")
+                writer.writerow([sample.path, sample.label, *(f"{p:.6f}" for p in row)])
     _write_json(run.directory / RESULTS_FILE, results)
     return results
 

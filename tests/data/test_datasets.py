@@ -410,3 +410,11 @@ def test_fractions_that_leave_no_training_images_are_refused(tmp_path: Path, val
     make_classes(tmp_path, {"a": 5, "b": 5})
     with pytest.raises(FPTError, match="fractions"):
         load_dataset(tmp_path, val_fraction=val, test_fraction=test)
+
+
+def test_csv_listing_an_image_twice_is_refused(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    manifest = write_csv(tmp_path / "m.csv", "path,label,split\na.png,x,train\nb.png,y,train\na.png,x,test\n")
+    with pytest.raises(FPTError, match=r"m\.csv:4: a\.png is already listed on line 2"):
+        load_dataset(manifest)

@@ -150,6 +150,7 @@ def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
     if not rows:
         raise FPTError(f"{path} lists no images")
     by_split: dict[str, list[tuple[str, str]]] = {}
+    first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         split = (row.get("split") or "train").strip() if "split" in columns else "train"
         if split not in SPLITS:
@@ -159,6 +160,12 @@ def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
             raise FPTError(f"{path}:{line}: image {path.parent / image} does not exist")
         if not is_image_file(image):
             raise FPTError(f"{path}:{line}: {image} is not a supported image (.jpg .png .tif .bmp)")
+        if image.as_posix() in first_line:
+            raise FPTError(
+                f"{path}:{line}: {image} is already listed on line {first_line[image.as_posix()]}; each image may "
+                "appear once (an image in two splits would leak into evaluation)"
+            )
+        first_line[image.as_posix()] = line
         by_split.setdefault(split, []).append((image.as_posix(), row["label"].strip()))
     if "train" not in by_split:
         raise FPTError(f"{path} has no training rows (split 'train' or an empty split column)")

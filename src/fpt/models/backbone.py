@@ -46,6 +46,12 @@ class BackboneSpec:
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def with_absolute_paths(self) -> BackboneSpec:
+        """The same spec with local paths made absolute, so that saved runs work from any directory."""
+        name = str(Path(self.name).expanduser().resolve()) if _is_local_path(self.name) else self.name
+        weights = str(Path(self.weights).expanduser().resolve()) if self.weights else None
+        return BackboneSpec(name, weights, dict(self.model_kwargs))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -174,9 +180,12 @@ def _load_hf_repo(repo_id: str, spec: BackboneSpec, pretrained: bool) -> nn.Modu
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    patterns = ["config.json", "model.safetensors", "pytorch_model.bin"] if pretrained else ["config.json"]
+    patterns = ["config.json", "preprocessor_config.json"]
     try:
         directory = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if pretrained:  # safetensors when the repo has them, the pickle-free way; else the .bin
+            weights = "model.safetensors" if _repo_has(repo_id, "model.safetensors") else "pytorch_model.bin"
+            directory = Path(snapshot_download(repo_id, allow_patterns=[*patterns, weights]))
     except (OSError, HfHubHTTPError) as error:
         raise BackboneError(
             f"could not download '{repo_id}' from the Hugging Face Hub ({error.__class__.__name__}). "
@@ -184,6 +193,12 @@ def _load_hf_repo(repo_id: str, spec: BackboneSpec, pretrained: bool) -> nn.Modu
             "this machine and pass it as --backbone DIR"
         ) from None
     return _load_local_directory(directory, spec, pretrained)
+
+
+def _repo_has(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import file_exists
+
+    return file_exists(repo_id, filename)
 
 
 # Hugging Face ViT (ViTModel / ViTForImageClassification) -> timm VisionTransformer.

@@ -79,13 +79,14 @@ def received_attention(q: Tensor, k: Tensor, scale: float, rule: Importance, que
     averaged over all queries) and "cls" is ``A[:, :, 0]`` (the attention the CLS query pays it). The rows
     of ``A`` are computed ``query_chunk`` at a time so that memory stays ``O(chunk · N)``, not ``O(N²)``.
     """
-    k_t = k.float().transpose(-2, -1)
-    if rule == "cls":
-        return torch.softmax((q[:, :, :1].float() @ k_t) * scale, dim=-1)[:, :, 0]
-    received = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
-    for q_chunk in q.split(query_chunk, dim=2):
-        received += torch.softmax((q_chunk.float() @ k_t) * scale, dim=-1).sum(dim=-2)
-    return received / q.shape[2]
+    with torch.autocast(q.device.type, enabled=False):  # scores in float32 even under mixed precision
+        k_t = k.float().transpose(-2, -1)
+        if rule == "cls":
+            return torch.softmax((q[:, :, :1].float() @ k_t) * scale, dim=-1)[:, :, 0]
+        received = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
+        for q_chunk in q.split(query_chunk, dim=2):
+            received += torch.softmax((q_chunk.float() @ k_t) * scale, dim=-1).sum(dim=-2)
+        return received / q.shape[2]
 
 
 def important_token_indices(importance: Tensor, num_kept: int) -> Tensor:
