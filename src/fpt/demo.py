@@ -59,6 +59,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
     else:
         print(f"[1/5] using the synthetic images in {data}")
     stages["data"] = time.perf_counter() - started
+    print(f"      {stages['data']:.0f} s")
 
     training = TrainingConfig(
         epochs=settings.epochs,
@@ -73,6 +74,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
     dataset, model, normalization = prepare(data, fpt_plus, training)
     summary = cache_features(model, dataset, normalization, training)
     stages["preload"] = time.perf_counter() - started
+    print(f"      {stages['preload']:.0f} s ({summary.computed} images computed, {summary.reused} reused)")
     del model
 
     runs = output / "runs"
@@ -84,6 +86,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
         started = time.perf_counter()
         outcome = train(data, runs / name, config, training)
         stages[f"train_{name}"] = time.perf_counter() - started
+        print(f"      {stages[f'train_{name}']:.0f} s")
         run = Run.load(runs / name)
         results[name] = {
             "auc": outcome["best"]["auc"],
