@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -117,19 +118,21 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
 
 def training_step_peak_bytes(run: Run) -> int:
     """Peak memory of one training step (batch of the run's size, after warm-up) for a trained run's method."""
-    cache = run.open_cache()
     model = FPTModel.from_config(run.model_config, load_lpm=False)
     model.train()
-    batch = next(iter(run.loader("train", cache, torch.Generator().manual_seed(run.training.seed))))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.training.lr)
-    labels = batch["label"]
-    device = torch.device("cpu")
+    batch = next(iter(run.loader("train", run.open_cache(), torch.Generator().manual_seed(run.training.seed))))
+    names = [name for name in ("side", "keys", "values") if name in batch]
+    inputs = [batch[name] for name in names] + [batch["label"]]
 
-    def loss() -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(model_logits(model, batch, device), labels)
+    def loss(model: FPTModel, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        logits = model_logits(model, dict(zip(names, tensors, strict=False)), torch.device("cpu"))
+        return torch.nn.functional.cross_entropy(logits, tensors[-1])
 
-    inputs = [value for value in batch.values() if isinstance(value, torch.Tensor)]
-    return measure_training_step(model, loss, optimizer, inputs).peak_bytes
+    def optimizer(parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        training = run.training
+        return torch.optim.AdamW(parameters, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay)
+
+    return measure_training_step(model, loss, inputs, optimizer).peak_bytes
 
 
 def comparison_table(record: dict[str, Any]) -> str:

@@ -1,13 +1,24 @@
-"""The training-step memory meter on a model whose memory can be counted by hand."""
+"""The training-step memory meters: counted by hand, and measured against simulated."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from collections.abc import Sequence
 
-from fpt.bench.memory import live_bytes, measure_training_step
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fpt.bench.memory import live_bytes, measure_training_step, simulate_training_step
+from fpt.config import FPTPlusConfig
+from fpt.models.fpt import FPTModel
+from fpt.models.frozen_encoder import LPMGeometry
+from fpt.models.side_vit import SideViT
 
 MiB = 2**20
+
+
+def squared_output(model: nn.Module, inputs: Sequence[Tensor]) -> Tensor:
+    return model(*inputs).float().square().mean()
 
 
 def test_live_bytes_counts_shared_storage_once() -> None:
@@ -18,10 +29,9 @@ def test_live_bytes_counts_shared_storage_once() -> None:
 
 def test_cpu_peak_covers_weights_optimizer_state_inputs_and_gradients() -> None:
     model = nn.Linear(1024, 1024, bias=False)  # 4 MiB of weights
-    inputs = torch.randn(64, 1024)  # 0.25 MiB
-    optimizer = torch.optim.AdamW(model.parameters())
+    inputs = [torch.randn(64, 1024)]  # 0.25 MiB
 
-    result = measure_training_step(model, lambda: model(inputs).square().mean(), optimizer, [inputs])
+    result = measure_training_step(model, squared_output, inputs)
 
     weights, state, batch = 4 * MiB, 8 * MiB, MiB // 4  # AdamW keeps two moments per weight (+ a step scalar)
     assert weights + state + batch <= result.baseline_bytes <= weights + state + batch + 1024
@@ -29,3 +39,30 @@ def test_cpu_peak_covers_weights_optimizer_state_inputs_and_gradients() -> None:
     # within a few weight-sized buffers
     assert result.baseline_bytes + 4 * MiB <= result.peak_bytes <= result.baseline_bytes + 5 * 4 * MiB
     assert result.device == "cpu" and result.step_seconds > 0
+
+
+def _fpt_plus_from_cache() -> tuple[nn.Module, list[Tensor]]:
+    geometry = LPMGeometry(embed_dim=64, num_heads=4, depth=4, patch_size=8, num_prefix_tokens=1)
+    config = FPTPlusConfig(backbone="unused", num_classes=3, lpm_input_size=64, side_input_size=32)
+    model = FPTModel(config, geometry)
+    keys = torch.randn(8, 2, 4, 13, 16, dtype=torch.float16)  # a float16 cache batch: [B, L, H, T, d_head]
+    return model, [torch.randn(8, 3, 32, 32), keys, torch.randn_like(keys)]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: (nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 10)), [torch.randn(128, 512)]),
+        lambda: (SideViT(64, 16, 96, 4, 4, 5), [torch.randn(16, 3, 64, 64)]),
+        _fpt_plus_from_cache,
+    ],
+    ids=["mlp", "side-vit", "fpt+-cached"],
+)
+def test_measured_and_simulated_peaks_agree_within_two_percent(build) -> None:
+    torch.manual_seed(0)
+    model, inputs = build()
+    model.train()
+    measured = measure_training_step(model, squared_output, inputs)
+    simulated = simulate_training_step(model, squared_output, inputs)
+    assert simulated.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.02)
+    assert simulated.baseline_bytes == pytest.approx(measured.baseline_bytes, rel=0.02)

@@ -1,16 +1,20 @@
 """Peak memory of one training step, measured the same way for every method.
 
 The step is forward, backward and the optimizer update, run once to warm up (so the optimizer state
-exists, as in steady-state training) and then measured:
+exists, as in steady-state training) and then metered. Two meters:
 
-- on CUDA, ``torch.cuda.max_memory_allocated`` after a reset;
-- on CPU, the exact peak of live tensor bytes: the bytes alive when the step starts (parameters,
+- **measured** (``measure_training_step``): on CUDA, ``torch.cuda.max_memory_allocated`` after a reset;
+  on CPU, the exact peak of live tensor bytes: the bytes alive when the step starts (parameters,
   buffers, optimizer state, inputs) plus the highest running sum of the allocations and frees that
-  PyTorch's profiler records during the step.
+  PyTorch's profiler records during the step;
+- **simulated** (``simulate_training_step``): the same two steps traced on fake tensors (no real
+  memory is used) under PyTorch's memory tracker, so any model and resolution can be predicted on any
+  machine.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -22,39 +26,44 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
+LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
 
 @dataclass(frozen=True)
 class StepMemory:
     peak_bytes: int
     baseline_bytes: int  # alive before the step: weights, optimizer state, inputs
-    step_seconds: float
+    step_seconds: float | None  # None for the simulated meter
     device: str
 
 
-def measure_training_step(
-    model: nn.Module,
-    loss_fn: Callable[[], Tensor],
-    optimizer: torch.optim.Optimizer,
-    inputs: Sequence[Tensor] = (),
-) -> StepMemory:
-    """Peak memory of ``loss_fn().backward(); optimizer.step()`` after one warm-up step.
+def adamw(parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.1)
 
-    ``inputs`` are the batch tensors ``loss_fn`` reads (counted as alive at the start of the step).
+
+def measure_training_step(
+    model: nn.Module, loss_fn: LossFn, inputs: Sequence[Tensor], optimizer_factory: OptimizerFactory = adamw
+) -> StepMemory:
+    """Peak memory of ``loss_fn(model, inputs).backward(); optimizer.step()`` after one warm-up step.
+
+    Only parameters with ``requires_grad`` are optimised; ``inputs`` count as alive at the step's start.
     """
-    _step(loss_fn, optimizer)  # warm-up: allocates the optimizer state
+    optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    _step(model, loss_fn, inputs, optimizer)  # warm-up: allocates the optimizer state
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
         started = time.perf_counter()
-        _step(loss_fn, optimizer)
+        _step(model, loss_fn, inputs, optimizer)
         torch.cuda.synchronize(device)
         return StepMemory(torch.cuda.max_memory_allocated(device), baseline, time.perf_counter() - started, str(device))
     baseline = live_bytes([*model.parameters(), *model.buffers(), *_optimizer_tensors(optimizer), *inputs])
     with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         started = time.perf_counter()
-        _step(loss_fn, optimizer)
+        _step(model, loss_fn, inputs, optimizer)
         seconds = time.perf_counter() - started
     events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
     running = highest = 0
@@ -62,6 +71,31 @@ def measure_training_step(
         running += event.nbytes()
         highest = max(highest, running)
     return StepMemory(baseline + highest, baseline, seconds, str(device))
+
+
+def simulate_training_step(
+    model: nn.Module, loss_fn: LossFn, inputs: Sequence[Tensor], optimizer_factory: OptimizerFactory = adamw
+) -> StepMemory:
+    """The same step as ``measure_training_step``, traced on fake copies of ``model`` and ``inputs``."""
+    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mode = FakeTensorMode()
+    with FakeCopyMode(mode):
+        fake_model = copy.deepcopy(model)
+    fake_inputs = [mode.from_tensor(tensor) for tensor in inputs]
+    with mode:
+        optimizer = optimizer_factory([p for p in fake_model.parameters() if p.requires_grad])
+        tracker = MemTracker()
+        tracker.track_external(fake_model, optimizer, *fake_inputs)
+        with tracker:
+            _step(fake_model, loss_fn, fake_inputs, optimizer)
+            tracker.reset_mod_stats()
+            device = next(fake_model.parameters()).device
+            baseline = tracker.get_tracker_snapshot("current")[device]["Total"]
+            _step(fake_model, loss_fn, fake_inputs, optimizer)
+        peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
+    return StepMemory(peak, baseline, None, f"simulated {device}")
 
 
 def live_bytes(tensors: Iterable[Tensor]) -> int:
@@ -73,8 +107,8 @@ def live_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(storages.values())
 
 
-def _step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer) -> None:
-    loss = loss_fn()
+def _step(model: nn.Module, loss_fn: LossFn, inputs: Sequence[Tensor], optimizer: torch.optim.Optimizer) -> None:
+    loss = loss_fn(model, inputs)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
