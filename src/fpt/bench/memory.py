@@ -8,8 +8,8 @@ exists, as in steady-state training) and then metered. Two meters:
   buffers, optimizer state, inputs) plus the highest running sum of the allocations and frees that
   PyTorch's profiler records during the step;
 - **simulated** (``simulate_training_step``): the same two steps traced on fake tensors (no real
-  memory is used) under PyTorch's memory tracker, so any model and resolution can be predicted on any
-  machine.
+  memory is used), counting every storage from its creation to its release, so any model and
+  resolution can be predicted on any machine.
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ import copy
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -76,26 +81,53 @@ def measure_training_step(
 def simulate_training_step(
     model: nn.Module, loss_fn: LossFn, inputs: Sequence[Tensor], optimizer_factory: OptimizerFactory = adamw
 ) -> StepMemory:
-    """The same step as ``measure_training_step``, traced on fake copies of ``model`` and ``inputs``."""
-    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
+    """The same step as ``measure_training_step``, traced on fake copies of ``model`` and ``inputs``.
 
+    Every storage an operation creates is counted until it is freed (no real memory is used), on top of
+    the parameters, buffers and inputs; the optimizer state appears during the warm-up step.
+    """
     mode = FakeTensorMode()
     with FakeCopyMode(mode):
         fake_model = copy.deepcopy(model)
     fake_inputs = [mode.from_tensor(tensor) for tensor in inputs]
-    with mode:
+    tracer = _StorageTracer()
+    with mode, tracer:
+        tracer.track([*fake_model.parameters(), *fake_model.buffers(), *fake_inputs])
         optimizer = optimizer_factory([p for p in fake_model.parameters() if p.requires_grad])
-        tracker = MemTracker()
-        tracker.track_external(fake_model, optimizer, *fake_inputs)
-        with tracker:
-            _step(fake_model, loss_fn, fake_inputs, optimizer)
-            tracker.reset_mod_stats()
-            device = next(fake_model.parameters()).device
-            baseline = tracker.get_tracker_snapshot("current")[device]["Total"]
-            _step(fake_model, loss_fn, fake_inputs, optimizer)
-        peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
-    return StepMemory(peak, baseline, None, f"simulated {device}")
+        _step(fake_model, loss_fn, fake_inputs, optimizer)
+        baseline = tracer.peak = tracer.current
+        _step(fake_model, loss_fn, fake_inputs, optimizer)
+    device = next(fake_model.parameters()).device
+    return StepMemory(tracer.peak, baseline, None, f"simulated {device}")
+
+
+class _StorageTracer(TorchDispatchMode):
+    """Counts the bytes of every live storage that operations create (and that ``track`` is given)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def track(self, tensors: Iterable[Tensor]) -> None:
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage in self._seen:
+                continue
+            size = storage.nbytes()
+            self._seen[storage] = size
+            self.current += size
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.current -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        self.track(t for t in tree_leaves(output) if isinstance(t, Tensor))
+        return output
 
 
 def live_bytes(tensors: Iterable[Tensor]) -> int:
