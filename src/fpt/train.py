@@ -357,7 +357,7 @@ def _fit(run: Run, model: FPTModel, resume: bool, progress: bool) -> dict[str, A
                     f"epoch {epoch + 1}/{training.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                     f"val {training.selection_metric} {shown}{' (best)' if improved else ''}"
                 )
-    results = _test_checkpoints(run, device, cache, best)
+    results = _test_checkpoints(run, model, device, cache, best)
     write_report(run.directory)
     return results
 
@@ -456,15 +456,17 @@ def evaluate_run(
 
 
 def _test_checkpoints(
-    run: Run, device: torch.device, cache: FeatureCache | None, best: dict[str, Any] | None
+    run: Run, model: FPTModel, device: torch.device, cache: FeatureCache | None, best: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Evaluate the best and last checkpoints on test; write predictions and results.json."""
+    """Evaluate the best and last checkpoints on test, loading their trainable weights into ``model`` (whose
+    LPM, when it has one, is reused); write predictions and results.json."""
     results: dict[str, Any] = {"classes": run.dataset.classes, "best_epoch": best["epoch"] if best else None}
     loader = run.loader("test", cache)
     samples = run.dataset.splits["test"]
     (run.directory / "predictions").mkdir(exist_ok=True)
     for name in CHECKPOINTS:
-        model = FPTModel.from_pretrained(checkpoint_dir(run.directory, name), load_lpm=cache is None).to(device)
+        weights = load_file(checkpoint_dir(run.directory, name) / WEIGHTS_NAME, device=str(device))
+        model.load_state_dict(weights, strict=False)
         labels, probabilities, loss = predict_loader(model, loader, device, run.training.precision)
         results[name] = {**classification_metrics(labels, probabilities), "loss": loss}
         with (run.directory / "predictions" / f"test_{name}.csv").open("w", newline="") as handle:
