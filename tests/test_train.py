@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,9 @@ def test_resume_after_an_interruption_gives_the_same_run_as_no_interruption(
     monkeypatch.undo()
     assert [line["epoch"] for line in metric_lines(tmp_path / "interrupted")] == [1, 2]
     assert not (tmp_path / "interrupted" / "results.json").exists()
+    # TensorBoard orders event files by name: timestamp in whole seconds, then host, pid and a per-process
+    # counter; within one second the counter's digits (9 < 10 as text) could put the resumed file first
+    time.sleep(1.0)
 
     resumed = resume(tmp_path / "interrupted", progress=False)
 

@@ -338,8 +338,10 @@ def preload(
 
     Images already in the cache are skipped, so an interrupted preload resumes where it stopped.
     """
-    if not model.config.uses_lpm:
-        raise FPTError(f"{model.config.method} does not read the LPM: there are no features to preload")
+    if not model.config.cacheable:
+        raise FPTError(
+            f"{model.config.method} has no LPM features to preload (only fpt and fpt+ train from a feature cache)"
+        )
     if model.encoder is None:
         raise FPTError("preloading needs the model's LPM (build it with load_lpm=True)")
     if dtype not in CACHE_DTYPES:

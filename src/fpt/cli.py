@@ -7,11 +7,12 @@ import csv
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from fpt import __version__
 from fpt.cache import CACHE_DTYPES
-from fpt.config import METHOD_CONFIGS, FPTConfig
+from fpt.config import METHOD_CONFIGS, MethodConfig
 from fpt.data.transforms import Augmentation
 from fpt.errors import FPTError
 from fpt.metrics import METRIC_NAMES
@@ -75,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train FPT/FPT+ on a dataset (preloading its features first)",
-        description="Train on DATA into the run directory --run. The feature cache is built or completed "
-        "first unless --no-cache; `fpt train --resume RUN` continues an interrupted run.",
+        help="train FPT/FPT+ or a baseline on a dataset (preloading FPT's features first)",
+        description="Train --method on DATA into the run directory --run. For fpt and fpt+ the feature cache is "
+        "built or completed first unless --no-cache; the baselines (full, linear, vpt-deep, lora, adapter) "
+        "train through the LPM on the augmented high-resolution view. `fpt train --resume RUN` continues an "
+        "interrupted run.",
     )
     train.add_argument("data", nargs="?", metavar="DATA", help="dataset folder or CSV manifest")
     train.add_argument("--run", metavar="DIR", help="run directory to create")
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: bool = False) -> None:
-    """Options that define an FPT/FPT+ configuration; unset ones keep the method's preset."""
+    """Options that define a method's configuration; unset ones keep the method's preset."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--backbone",
@@ -153,7 +156,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: b
         metavar="FILE",
         help="local .safetensors/.pth/.bin weights for the --backbone architecture (nothing is downloaded)",
     )
-    group.add_argument("--method", choices=sorted(METHOD_CONFIGS), default="fpt+", help="method preset (default: fpt+)")
+    group.add_argument(
+        "--method",
+        choices=tuple(METHOD_CONFIGS),
+        default="fpt+",
+        help="fpt+ (default) or fpt; the baselines full, linear, vpt-deep, lora, adapter; or side-only",
+    )
     if num_classes_required:
         group.add_argument("--num-classes", type=int, required=True, metavar="K", help="number of classes")
     group.add_argument("--input-size", type=int, metavar="S", help="LPM input size in pixels (preset: 512)")
@@ -166,25 +174,45 @@ def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: b
         metavar="I,J,...",
         help="LPM layers to tap, 0-based (preset: all for fpt, the last half for fpt+)",
     )
-    group.add_argument("--num-prompts", type=int, metavar="M", help="prompts per tapped layer (preset: 16)")
+    group.add_argument(
+        "--num-prompts", type=int, metavar="M", help="prompts per tapped layer (preset: 16) or per block (vpt-deep: 10)"
+    )
     group.add_argument("--token-ratio", type=float, metavar="R", help="fraction of tokens kept per head (preset: 0.2)")
     group.add_argument("--importance", choices=IMPORTANCE_RULES, help="token importance rule (preset: global)")
+    group.add_argument("--lora-rank", type=int, metavar="R", help="lora: rank of the qkv update (preset: 8)")
+    group.add_argument("--lora-alpha", type=float, metavar="A", help="lora: the update is scaled by A / rank (8)")
+    group.add_argument("--adapter-dim", type=int, metavar="D", help="adapter: bottleneck width (preset: 64)")
 
 
-def config_from_args(args: argparse.Namespace) -> FPTConfig:
+MODEL_OPTIONS = {  # config field: command-line option
+    "lpm_input_size": "--input-size",
+    "side_input_size": "--side-input-size",
+    "tapped_layers": "--tapped-layers",
+    "num_prompts": "--num-prompts",
+    "token_ratio": "--token-ratio",
+    "importance": "--importance",
+    "rank": "--lora-rank",
+    "alpha": "--lora-alpha",
+    "bottleneck_dim": "--adapter-dim",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> MethodConfig:
     """The model config of the parsed options (classes default to 1 until the data says how many)."""
-    overrides = {
-        "lpm_input_size": args.input_size,
-        "side_input_size": args.side_input_size,
-        "tapped_layers": args.tapped_layers,
-        "num_prompts": args.num_prompts,
-        "token_ratio": args.token_ratio,
-        "importance": args.importance,
+    config_class = METHOD_CONFIGS[args.method]
+    given = {
+        name: getattr(args, option.removeprefix("--").replace("-", "_"))
+        for name, option in MODEL_OPTIONS.items()
+        if getattr(args, option.removeprefix("--").replace("-", "_")) is not None
     }
-    return METHOD_CONFIGS[args.method](
+    accepted = {f.name for f in fields(config_class)}
+    unused = [MODEL_OPTIONS[name] for name in given if name not in accepted]
+    if unused:
+        raise FPTError(f"--method {args.method} has no {', '.join(unused)}; drop the option or pick another method")
+    return config_class(
         backbone=BackboneSpec(args.backbone, weights=args.backbone_weights).with_absolute_paths(),
         num_classes=getattr(args, "num_classes", None) or 1,
-        **{name: value for name, value in overrides.items() if value is not None},
+        **given,
     )
 
 
@@ -271,9 +299,9 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 def _run_info(args: argparse.Namespace) -> int:
     from fpt.info import format_model_info, model_info
-    from fpt.models.fpt import FPTModel
+    from fpt.models.build import build_model
 
-    model = FPTModel.from_config(config_from_args(args), pretrained_lpm=False)
+    model = build_model(config_from_args(args), pretrained_lpm=False)
     info = model_info(model)
     print(json.dumps(info, indent=2) if args.json else format_model_info(info))
     return 0

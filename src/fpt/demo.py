@@ -24,6 +24,7 @@ from fpt.config import FPTPlusConfig, SideOnlyConfig
 from fpt.data.datasets import load_dataset
 from fpt.data.synthetic import GRADE_NAMES, write_dataset
 from fpt.models.backbone import BackboneSpec
+from fpt.models.build import load_model
 from fpt.models.fpt import FPTModel
 from fpt.predict import predict_images
 from fpt.runtime import select_device
@@ -94,9 +95,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
             "accuracy": outcome["best"]["accuracy"],
             "kappa": outcome["best"]["kappa"],
             "best_epoch": outcome["best_epoch"],
-            "learnable_params": FPTModel.from_pretrained(
-                runs / name / "checkpoints" / "best", load_lpm=False
-            ).num_learnable_params(),
+            "learnable_params": load_model(runs / name / "checkpoints" / "best", load_lpm=False).num_learnable_params(),
             "training_peak_bytes": training_step_peak_bytes(run),
             "train_seconds": stages[f"train_{name}"],
         }

@@ -16,6 +16,7 @@ from torch import Tensor
 from fpt.data.images import load_image
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
+from fpt.models.build import load_model
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import LPMFeatures
 from fpt.runtime import autocast, progress_bar, select_device
@@ -75,12 +76,12 @@ def predict_images(
     if directory is None:
         raise FPTError(f"{run.directory} has no '{checkpoint}' checkpoint yet")
     target = select_device(device or run.training.device)
-    model = FPTModel.from_pretrained(directory).to(target).eval()
+    model = load_model(directory).to(target).eval()
     config = model.config
-    if explain_dir is not None and not config.uses_lpm:
-        raise FPTError(f"--explain needs a method with prompts; this run trained {config.method}")
+    if explain_dir is not None and not config.cacheable:
+        raise FPTError(f"--explain needs fine-grained prompts (fpt, fpt+); this run trained {config.method}")
     to_lpm = lpm_view(config.lpm_input_size, run.normalization)
-    to_side = side_view(config.side_input_size, run.normalization, augmentation=None)
+    to_side = side_view(config.side_input_size, run.normalization, augmentation=None) if config.side_network else None
     if explain_dir is not None:
         explain_dir = Path(explain_dir)
         explain_dir.mkdir(parents=True, exist_ok=True)
@@ -91,9 +92,11 @@ def predict_images(
         chunk = paths[start : start + batch_size]
         pixels = [load_image(path) for path in chunk]
         lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target) if config.uses_lpm else None
-        side_batch = torch.stack([to_side(p) for p in pixels]).to(target)
+        side_batch = torch.stack([to_side(p) for p in pixels]).to(target) if to_side is not None else None
         with torch.no_grad(), autocast(target, run.training.precision):
-            if config.uses_lpm:
+            if not isinstance(model, FPTModel):
+                logits = model(lpm_batch)
+            elif config.uses_lpm:
                 features = model.encode(lpm_batch)
                 logits = model(side_batch, features.keys, features.values)
             else:

@@ -34,14 +34,16 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from fpt.cache import FeatureCache, PreloadSummary, preload
-from fpt.config import FPTConfig, config_from_dict
+from fpt.config import MethodConfig, config_from_dict
 from fpt.data.datasets import ImageDataset, load_dataset
 from fpt.data.loaders import SampleViews, worker_count
 from fpt.data.transforms import Augmentation, Normalization, dataset_normalization, lpm_view, side_view
 from fpt.errors import FPTError
 from fpt.metrics import METRIC_NAMES, classification_metrics
 from fpt.models.backbone import backbone_mean_std, load_backbone
-from fpt.models.fpt import WEIGHTS_NAME, FPTModel
+from fpt.models.base import WEIGHTS_NAME, TransferModel
+from fpt.models.build import build_model, load_model
+from fpt.models.fpt import FPTModel
 from fpt.report import write_report
 from fpt.runtime import PRECISIONS, Precision, autocast, progress_bar, seed_everything, select_device
 
@@ -133,7 +135,7 @@ class Run:
     """Everything a run directory records about how it was set up."""
 
     directory: Path
-    model_config: FPTConfig
+    model_config: MethodConfig
     training: TrainingConfig
     data_source: str
     normalization: Normalization
@@ -174,22 +176,29 @@ class Run:
         return FeatureCache.open(self.training.cache_dir, self.cache_fingerprint)
 
     def loader(self, split: str, cache: FeatureCache | None, generator: torch.Generator | None = None) -> DataLoader:
-        """Batches of ``split``; with a ``generator`` shuffled by it and augmented (for training), else plain."""
+        """Batches of ``split``; with a ``generator`` shuffled by it and augmented (for training), else plain.
+
+        The side view is augmented for training; the LPM view only for the methods that train through the
+        LPM (the baselines), never for those whose LPM features are cacheable.
+        """
         config, training = self.model_config, self.training
-        is_train = generator is not None
+        augmentation = training.augmentation if generator is not None else None
+        lpm_augmentation = None if config.cacheable else augmentation
         views = SampleViews(
             self.dataset.root,
             self.dataset.splits[split],
-            side_view=side_view(
-                config.side_input_size, self.normalization, training.augmentation if is_train else None
-            ),
-            lpm_view=lpm_view(config.lpm_input_size, self.normalization) if cache is None and config.uses_lpm else None,
+            side_view=side_view(config.side_input_size, self.normalization, augmentation)
+            if config.side_network
+            else None,
+            lpm_view=lpm_view(config.lpm_input_size, self.normalization, lpm_augmentation)
+            if cache is None and config.uses_lpm
+            else None,
             cache=cache,
         )
         return DataLoader(
             views,
             batch_size=training.batch_size,
-            shuffle=is_train,
+            shuffle=generator is not None,
             generator=generator,
             num_workers=worker_count(training.num_workers),
             pin_memory=torch.cuda.is_available(),
@@ -197,12 +206,13 @@ class Run:
 
 
 def train(
-    data: str | Path, run_dir: str | Path, model_config: FPTConfig, training: TrainingConfig, progress: bool = True
+    data: str | Path, run_dir: str | Path, model_config: MethodConfig, training: TrainingConfig, progress: bool = True
 ) -> dict[str, Any]:
     """Train ``model_config`` on the dataset at ``data``, writing everything to ``run_dir``; returns the results.
 
     The number of classes and their names come from the data. With ``training.cache_dir`` the LPM's
-    features are preloaded (only the missing ones are computed) and training never runs the LPM.
+    features are preloaded (only the missing ones are computed) and training never runs the LPM; methods
+    that train through the LPM (the baselines) ignore the cache.
     """
     run_dir = Path(run_dir)
     if (run_dir / RUN_FILE).exists():
@@ -213,7 +223,7 @@ def train(
         training = replace(training, cache_dir=str(Path(training.cache_dir).resolve()))
     dataset, model, normalization = prepare(data, model_config, training, progress)
     fingerprint = None
-    if training.cache_dir is not None and model.config.uses_lpm:
+    if training.cache_dir is not None and model.config.cacheable:
         summary = cache_features(model, dataset, normalization, training, progress=progress)
         fingerprint = FeatureCache.open(summary.cache_dir).fingerprint
         model.encoder = None  # from here on training never runs (or holds) the LPM
@@ -247,15 +257,15 @@ def cache_features(
 
 
 def prepare(
-    data: str | Path, model_config: FPTConfig, training: TrainingConfig, progress: bool = True
-) -> tuple[ImageDataset, FPTModel, Normalization]:
+    data: str | Path, model_config: MethodConfig, training: TrainingConfig, progress: bool = True
+) -> tuple[ImageDataset, TransferModel, Normalization]:
     """Load the dataset, build the model for its classes (LPM included) and choose the normalisation."""
     seed_everything(training.seed)
     dataset = load_dataset(data, training.val_fraction, training.test_fraction, training.seed)
     if dataset.ignored_summary() and progress:
         print(dataset.ignored_summary())
     config = replace(model_config, num_classes=len(dataset.classes), class_names=dataset.classes)
-    model = FPTModel.from_config(config)
+    model = build_model(config)
     if training.normalization == "auto":
         train_paths = [str(dataset.root / s.path) for s in dataset.splits["train"]]
         normalization = dataset_normalization(train_paths, num_workers=worker_count(training.num_workers))
@@ -279,15 +289,15 @@ def resume(
     run.training = replace(run.training, **{k: v for k, v in overrides.items() if v is not None})
     if checkpoint_dir(run.directory, "last") is None:
         seed_everything(run.training.seed)  # the same initialisation as the interrupted start
-        model = FPTModel.from_config(run.model_config)
+        model = build_model(run.model_config)
         if run.cache_fingerprint is not None:
             model.encoder = None
         return _fit(run, model, resume=False, progress=progress)
-    model = FPTModel.from_config(run.model_config, load_lpm=run.cache_fingerprint is None)
+    model = build_model(run.model_config, load_lpm=run.cache_fingerprint is None)
     return _fit(run, model, resume=True, progress=progress)
 
 
-def _fit(run: Run, model: FPTModel, resume: bool, progress: bool) -> dict[str, Any]:
+def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> dict[str, Any]:
     training = run.training
     seed_everything(training.seed)
     device = select_device(training.device)
@@ -375,7 +385,7 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
 
 
 def _train_epoch(
-    model: FPTModel,
+    model: TransferModel,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -410,8 +420,11 @@ def _train_epoch(
     return total / count
 
 
-def model_logits(model: FPTModel, batch: dict[str, Tensor], device: torch.device) -> Tensor:
-    """Logits of a batch from ``SampleViews``: from cached keys/values, via the LPM, or (side-only) neither."""
+def model_logits(model: TransferModel, batch: dict[str, Tensor], device: torch.device) -> Tensor:
+    """Logits of a batch from ``SampleViews``: a baseline reads the LPM view; FPT reads the side view and cached
+    keys/values or the LPM view (run through its LPM); side-only reads the side view alone."""
+    if not isinstance(model, FPTModel):
+        return model(batch["lpm"].to(device, non_blocking=True))
     side = batch["side"].to(device, non_blocking=True)
     if "keys" in batch:
         return model(side, batch["keys"].to(device, non_blocking=True), batch["values"].to(device, non_blocking=True))
@@ -422,7 +435,7 @@ def model_logits(model: FPTModel, batch: dict[str, Tensor], device: torch.device
 
 @torch.no_grad()
 def predict_loader(
-    model: FPTModel, loader: DataLoader, device: torch.device, precision: Precision
+    model: TransferModel, loader: DataLoader, device: torch.device, precision: Precision
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Labels [N], softmax probabilities [N, K] and mean cross-entropy of every batch of ``loader``."""
     model.eval()
@@ -450,13 +463,13 @@ def evaluate_run(
         raise FPTError(f"{run.directory} has no '{checkpoint}' checkpoint yet")
     target = select_device(device or run.training.device)
     cache = run.open_cache()
-    model = FPTModel.from_pretrained(directory, load_lpm=cache is None).to(target)
+    model = load_model(directory, load_lpm=cache is None).to(target)
     labels, probabilities, loss = predict_loader(model, run.loader(split, cache), target, run.training.precision)
     return {**classification_metrics(labels, probabilities), "loss": loss}
 
 
 def _test_checkpoints(
-    run: Run, model: FPTModel, device: torch.device, cache: FeatureCache | None, best: dict[str, Any] | None
+    run: Run, model: TransferModel, device: torch.device, cache: FeatureCache | None, best: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Evaluate the best and last checkpoints on test, loading their trainable weights into ``model`` (whose
     LPM, when it has one, is reused); write predictions and results.json."""
@@ -508,7 +521,7 @@ def _save_atomically(directory: Path, write: Callable[[Path], None]) -> None:
 
 def _save_training_state(
     directory: Path,
-    model: FPTModel,
+    model: TransferModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
@@ -536,7 +549,7 @@ def _save_training_state(
 
 def _load_training_state(
     run_dir: Path,
-    model: FPTModel,
+    model: TransferModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from fpt.config import FPTConfig, FPTPlusConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec
+from fpt.models.build import load_model
 from fpt.models.fpt import FPTModel
 from tests.conftest import randomize_
 
@@ -27,7 +28,7 @@ def test_round_trip_restores_the_same_predictions(
     model.eval()
     model.save_pretrained(tmp_path)
 
-    restored = FPTModel.from_pretrained(tmp_path).eval()
+    restored = load_model(tmp_path).eval()
 
     lpm_images, side_images = torch.randn(2, 3, 48, 48), torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(
@@ -55,7 +56,7 @@ def test_loading_without_the_lpm_keeps_only_trainable_modules(tmp_path: Path, ti
     model = FPTModel.from_config(FPTPlusConfig(backbone=tiny_spec, num_classes=3, side_input_size=16))
     model.save_pretrained(tmp_path)
 
-    light = FPTModel.from_pretrained(tmp_path, load_lpm=False)
+    light = load_model(tmp_path, load_lpm=False)
 
     assert light.encoder is None
     assert light.num_learnable_params() == model.num_learnable_params()
@@ -69,10 +70,10 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path: Path, tiny_s
     config["num_prompts"] = 4
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FPTError, match=r"does not match its config\.json"):
-        FPTModel.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path, tiny_spec: BackboneSpec) -> None:
     FPTPlusConfig(backbone=tiny_spec, num_classes=3, side_input_size=16).save(tmp_path)
     with pytest.raises(FPTError, match="cannot read trained weights"):
-        FPTModel.from_pretrained(tmp_path)
+        load_model(tmp_path)

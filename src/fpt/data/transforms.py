@@ -1,7 +1,8 @@
 """The two views of every image.
 
-The LPM view is only resized (square, bilinear, antialiased) and normalised, never augmented: this is
-what makes its keys/values cacheable. The side view is augmented at training time.
+For FPT the LPM view is only resized (square, bilinear, antialiased) and normalised, never augmented: this
+is what makes its keys/values cacheable. The side view, and the LPM view of the baselines (which train
+through the LPM), are augmented at training time.
 """
 
 from __future__ import annotations
@@ -45,15 +46,21 @@ class Normalization:
         self.std = tuple(float(v) for v in self.std)
 
 
-def lpm_view(size: int, normalization: Normalization) -> ImageTransform:
-    """[3, H, W] in [0, 1] -> [3, size, size], resized and normalised only."""
-    return T.Compose(
-        [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True), _normalize(normalization)]
-    )
+def lpm_view(size: int, normalization: Normalization, augmentation: Augmentation | None = None) -> ImageTransform:
+    """[3, H, W] in [0, 1] -> [3, size, size], resized and normalised.
+
+    Augmented (when ``augmentation`` is given) only for the baselines, which train through the LPM; FPT's LPM
+    view never is, which is what makes its keys/values cacheable.
+    """
+    return _view(size, normalization, augmentation)
 
 
 def side_view(size: int, normalization: Normalization, augmentation: Augmentation | None) -> ImageTransform:
     """[3, H, W] in [0, 1] -> [3, size, size]; augmented when ``augmentation`` is given (training)."""
+    return _view(size, normalization, augmentation)
+
+
+def _view(size: int, normalization: Normalization, augmentation: Augmentation | None) -> ImageTransform:
     if augmentation is None:
         resize = [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
     else:

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from fpt.config import FPTConfig, load_config
+from fpt.config import FPTConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
+from fpt.models.base import TransferModel
 from fpt.models.frozen_encoder import FrozenEncoder, LPMFeatures, LPMGeometry, validate_tapped_layers
 from fpt.models.fusion import FPTFusion, FPTPlusFusion, PromptFusion
 from fpt.models.side_vit import SideViT
 
-WEIGHTS_NAME = "model.safetensors"
 FUSION_MODULES: dict[str, type[PromptFusion]] = {"fpt": FPTFusion, "fpt+": FPTPlusFusion}
 
 
-class FPTModel(nn.Module):
+class FPTModel(TransferModel):
     """Fine-grained prompt tuning: only ``fusion`` and ``side`` are trained.
 
     Args:
@@ -91,40 +88,6 @@ class FPTModel(nn.Module):
         tapped_layers = config.resolved_tapped_layers(geometry.depth)
         encoder = FrozenEncoder(backbone, tapped_layers, config.token_ratio, config.importance)
         return cls(config, geometry, encoder)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, load_lpm: bool = True) -> FPTModel:
-        """Restore a model written by ``save_pretrained``: its LPM from the backbone spec, then its weights."""
-        directory = Path(directory)
-        model = cls.from_config(load_config(directory), load_lpm=load_lpm)
-        weights = directory / WEIGHTS_NAME
-        try:
-            state_dict = load_file(weights)
-        except (OSError, SafetensorError) as error:
-            raise FPTError(f"cannot read trained weights {weights}: {error}") from None
-        mismatch = f"{weights} does not match its config.json"
-        try:
-            missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        except RuntimeError as error:  # a shape mismatch; torch lists them one per line
-            raise FPTError(f"{mismatch}: {str(error).splitlines()[-1].strip()}") from None
-        missing = [key for key in missing if not key.startswith("encoder.")]
-        if missing or unexpected:
-            raise FPTError(f"{mismatch}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-        return model
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (with the backbone spec) and ``model.safetensors`` (trainable weights only)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory)
-        save_file(self.trainable_state_dict(), directory / WEIGHTS_NAME, metadata={"method": self.config.method})
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The fusion module's and side network's weights, keyed as in ``state_dict()``."""
-        return {key: value for key, value in self.state_dict().items() if not key.startswith("encoder.")}
-
-    def num_learnable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def encode(self, lpm_images: Tensor) -> LPMFeatures:
         """Run the frozen LPM: high-resolution images [B, C, S, S] -> keys/values [B, L, H, T, d_head]."""

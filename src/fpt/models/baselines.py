@@ -1,0 +1,121 @@
+"""Baselines that adapt the LPM itself at the high resolution: full fine-tuning, linear probing, VPT-deep,
+LoRA and adapter tuning.
+
+Each is the timm ViT with a new classifier head; the parameter-efficient ones add their own small modules
+and freeze every pre-trained weight. They read the high-resolution image directly (nothing is cached, since
+their LPM is trained through), so the training loop augments that view as it augments the side view of FPT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from fpt.config import AdapterConfig, FullFineTuningConfig, LoRAConfig, MethodConfig, VPTDeepConfig
+from fpt.errors import FPTError
+from fpt.models.backbone import load_backbone
+from fpt.models.base import TransferModel
+
+BASELINE_METHODS = ("full", "linear", "vpt-deep", "lora", "adapter")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) · dropout(x) Aᵀ Bᵀ`` around a frozen linear layer.
+
+    A [rank, in] is Kaiming-uniform, B [out, rank] starts at zero, so the layer starts as ``base``.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in] -> [..., out]."""
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+
+
+class MLPWithAdapter(nn.Module):
+    """A block's MLP followed by a bottleneck adapter: ``h + up(GELU(down(h)))`` with ``h = mlp(x)``.
+
+    ``up`` starts at zero, so the block starts as the pre-trained one.
+    """
+
+    def __init__(self, mlp: nn.Module, dim: int, bottleneck_dim: int) -> None:
+        super().__init__()
+        device = next(mlp.parameters()).device
+        self.mlp = mlp
+        self.down = nn.Linear(dim, bottleneck_dim, device=device)
+        self.up = nn.Linear(bottleneck_dim, dim, device=device)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, N, d] -> [B, N, d]."""
+        hidden = self.mlp(x)
+        return hidden + self.up(F.gelu(self.down(hidden)))
+
+
+class BaselineViT(TransferModel):
+    """The LPM with a new head, adapted by one of ``BASELINE_METHODS`` (chosen by the config's type).
+
+    Args:
+        config: a baseline method's config.
+        backbone: the pre-trained timm ViT; it is modified in place.
+    """
+
+    def __init__(self, config: MethodConfig, backbone: VisionTransformer) -> None:
+        super().__init__()
+        if config.method not in BASELINE_METHODS:
+            raise FPTError(f"'{config.method}' is not a baseline; expected one of {', '.join(BASELINE_METHODS)}")
+        self.config = config
+        backbone.requires_grad_(isinstance(config, FullFineTuningConfig))
+        backbone.reset_classifier(config.num_classes)  # new, trainable
+        self.backbone = backbone
+        self.prompts: nn.Parameter | None = None
+        if isinstance(config, LoRAConfig):
+            for block in backbone.blocks:
+                block.attn.qkv = LoRALinear(block.attn.qkv, config.rank, config.alpha, config.dropout)
+        elif isinstance(config, AdapterConfig):
+            for block in backbone.blocks:
+                block.mlp = MLPWithAdapter(block.mlp, backbone.embed_dim, config.bottleneck_dim)
+        elif isinstance(config, VPTDeepConfig):
+            depth, dim = len(backbone.blocks), backbone.embed_dim
+            device = backbone.cls_token.device if backbone.cls_token is not None else None
+            self.prompts = nn.Parameter(torch.empty(depth, config.num_prompts, dim, device=device))
+            patch_area = math.prod(backbone.patch_embed.patch_size)
+            bound = math.sqrt(6.0 / (3 * patch_area + dim))  # VPT's Xavier-uniform over a patch
+            nn.init.uniform_(self.prompts, -bound, bound)
+            self.prompt_dropout = nn.Dropout(config.prompt_dropout)
+
+    @classmethod
+    def from_config(cls, config: MethodConfig, pretrained: bool = True) -> BaselineViT:
+        """The baseline of ``config``, with the LPM's pre-trained weights unless ``pretrained`` is False."""
+        return cls(config, load_backbone(config.backbone, pretrained=pretrained))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """High-resolution images [B, C, S, S] -> logits [B, num_classes]."""
+        if self.prompts is None:
+            return self.backbone(images)
+        return self.backbone.forward_head(self.backbone.norm(self._blocks_with_prompts(images)))
+
+    def _blocks_with_prompts(self, images: Tensor) -> Tensor:
+        """VPT-deep: block i reads [prefix tokens, prompts_i, patch tokens]; its prompt outputs are replaced by
+        prompts_{i+1}, and the last block's are dropped. -> tokens [B, N, d]."""
+        vit = self.backbone
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        prefix, num_prompts = vit.num_prefix_tokens, self.prompts.shape[1]
+        patches = x[:, prefix:]
+        for block, prompts in zip(vit.blocks, self.prompts, strict=True):
+            prompts = self.prompt_dropout(prompts).expand(x.shape[0], -1, -1)
+            x = block(torch.cat([x[:, :prefix], prompts, patches], dim=1))
+            patches = x[:, prefix + num_prompts :]
+        return torch.cat([x[:, :prefix], patches], dim=1)
