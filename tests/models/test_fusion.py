@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from fpt.models.fusion import FPTFusion, FPTPlusFusion
+from fpt.bench.memory import measure_training_step, simulate_training_step
+from fpt.errors import FPTError
+from fpt.models.fusion import FPTFusion, FPTPlusFusion, PromptCrossAttention
 from tests.conftest import explicit_layer_norm, randomize_
 
 BATCH, LAYERS, PROMPTS, TOKENS = 2, 3, 5, 7
@@ -168,3 +170,40 @@ def test_gradients_reach_prompts_and_projections(kind):
     for name, param in fusion.named_parameters():
         assert param.grad is not None, name
         assert param.grad.abs().sum() > 0, name
+
+
+def test_cross_attention_gradients_pass_gradcheck_and_keys_get_none() -> None:
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.randn(LAYERS, HEADS, PROMPTS, HEAD_DIM, generator=generator, dtype=torch.float64)
+    keys, values = lpm_keys_values()
+    queries.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda q: PromptCrossAttention.apply(q, keys, values), (queries,))
+    with pytest.raises(FPTError, match="must not require gradients"):
+        PromptCrossAttention.apply(queries, keys.requires_grad_(True), values)
+
+
+@pytest.mark.parametrize("kind", ["fpt", "fpt+"])
+def test_prompt_gradients_from_a_float16_cache_match_the_explicit_computation(kind: str) -> None:
+    fusion = make_fusion(kind, dtype=torch.float32)
+    keys, values = lpm_keys_values(dtype=torch.float16)
+    torch.manual_seed(0)
+    upstream = torch.randn(BATCH, LAYERS, PROMPTS, SIDE_DIM)
+    got = torch.autograd.grad((fusion(keys, values) * upstream).sum(), fusion.prompts)[0]
+    want = torch.autograd.grad((explicit_output(fusion, keys, values) * upstream).sum(), fusion.prompts)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_cross_attention_never_holds_a_whole_float32_copy_of_the_cache() -> None:
+    """Peak bytes of a training step stay below one float32 copy of the float16 keys and values."""
+    layers, heads, tokens, head_dim = 6, 4, 200, 16
+    queries = torch.nn.ParameterList([torch.randn(layers, heads, PROMPTS, head_dim)])
+    keys = torch.randn(8, layers, heads, tokens, head_dim).half()
+    values = torch.randn_like(keys)
+
+    def loss(module: torch.nn.ParameterList, inputs) -> torch.Tensor:
+        return PromptCrossAttention.apply(module[0], *inputs).square().sum()
+
+    for meter in (measure_training_step, simulate_training_step):
+        memory = meter(queries, loss, [keys, values])
+        cache_bytes = keys.nbytes + values.nbytes  # a float32 copy would be twice this
+        assert memory.peak_bytes - memory.baseline_bytes < cache_bytes

@@ -11,8 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from fpt.errors import FPTError
 
 
 class PromptFusion(nn.Module, ABC):
@@ -47,16 +49,10 @@ class PromptFusion(nn.Module, ABC):
         """Fused prompts O [B, L, M, d_side] from the attended context C [B, L, M, d]."""
 
     def cross_attention(self, keys: Tensor, values: Tensor) -> Tensor:
-        """C [B, L, M, d] from keys/values [B, L, H, T, d_head] (any float dtype, e.g. a float16 cache)."""
-        batch, num_layers, num_heads, num_tokens, head_dim = keys.shape
-        queries = self.queries()
-        num_prompts = queries.shape[1]
-        q = queries.view(num_layers, num_prompts, num_heads, head_dim).transpose(1, 2)
-        q = q.expand(batch, -1, -1, -1, -1).reshape(batch * num_layers, num_heads, num_prompts, head_dim)
-        k = keys.to(q.dtype).reshape(batch * num_layers, num_heads, num_tokens, head_dim)
-        v = values.to(q.dtype).reshape(batch * num_layers, num_heads, num_tokens, head_dim)
-        context = F.scaled_dot_product_attention(q, k, v)
-        return context.view(batch, num_layers, num_heads, num_prompts, head_dim).transpose(2, 3).flatten(3)
+        """C [B, L, M, d] (float32) from keys/values [B, L, H, T, d_head] (any float dtype, e.g. a float16 cache)."""
+        num_layers, num_prompts, dim = self.prompts.shape[0], self.prompts.shape[1], keys.shape[2] * keys.shape[-1]
+        queries = self.queries().view(num_layers, num_prompts, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        return PromptCrossAttention.apply(queries, keys, values)
 
     def attention_weights(self, keys: Tensor) -> Tensor:
         """softmax(Q_h K_hᵀ / sqrt(d_head)), [B, L, H, M, T]: where each prompt looks."""
@@ -112,3 +108,55 @@ class FPTPlusFusion(PromptFusion):
 
     def output(self, context: Tensor) -> Tensor:
         return self.dropout(self.out_proj(context + self.prompts))
+
+
+class PromptCrossAttention(torch.autograd.Function):
+    """Multi-head cross-attention from shared prompt queries to frozen keys/values, lean on memory.
+
+    ``C[b, l] = concat_h softmax(Q[l, h] K[b, l, h]ᵀ / sqrt(d_head)) V[b, l, h]``, one layer at a time, in
+    float32 (or the queries' dtype if wider). Keys/values stay in their own dtype: a float16 cache is never
+    copied whole to float32, one layer's upcast lives only while that layer is computed, and they get no
+    gradient. Backward keeps only the queries and each row's log-sum-exp and recomputes the attention per
+    layer, so nothing of size [B, L, H, M, T] outlives the layer it belongs to.
+
+    Shapes: queries [L, H, M, d_head]; keys, values [B, L, H, T, d_head]; output [B, L, M, H * d_head].
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise FPTError("the LPM's keys/values must not require gradients: the LPM is frozen")
+        batch, num_layers, num_heads, _, head_dim = keys.shape
+        num_prompts = queries.shape[2]
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        with torch.autocast(keys.device.type, enabled=False):
+            scaled = queries.to(dtype) * head_dim**-0.5
+            output = keys.new_empty((batch, num_layers, num_prompts, num_heads, head_dim), dtype=dtype)
+            log_sum_exp = keys.new_empty((batch, num_layers, num_heads, num_prompts), dtype=dtype)
+            for layer in range(num_layers):
+                scores = scaled[layer] @ keys[:, layer].to(dtype).mT  # [B, H, M, T]
+                log_sum_exp[:, layer] = torch.logsumexp(scores, dim=-1)
+                probabilities = torch.exp(scores - log_sum_exp[:, layer, ..., None])
+                output[:, layer] = (probabilities @ values[:, layer].to(dtype)).transpose(1, 2)
+        ctx.save_for_backward(queries, keys, values, log_sum_exp)
+        return output.flatten(3)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        queries, keys, values, log_sum_exp = ctx.saved_tensors
+        batch, num_layers, num_heads, _, head_dim = keys.shape
+        num_prompts = queries.shape[2]
+        scale, dtype = head_dim**-0.5, log_sum_exp.dtype
+        with torch.autocast(keys.device.type, enabled=False):
+            scaled = queries.to(dtype) * scale
+            grad_output = grad_output.to(dtype).view(batch, num_layers, num_prompts, num_heads, head_dim)
+            grad_queries = torch.empty(queries.shape, dtype=dtype, device=queries.device)
+            for layer in range(num_layers):
+                layer_keys = keys[:, layer].to(dtype)
+                probabilities = torch.exp(scaled[layer] @ layer_keys.mT - log_sum_exp[:, layer, ..., None])
+                grad_probabilities = grad_output[:, layer].transpose(1, 2) @ values[:, layer].to(dtype).mT
+                grad_scores = probabilities * (
+                    grad_probabilities - (grad_probabilities * probabilities).sum(dim=-1, keepdim=True)
+                )
+                grad_queries[layer] = (grad_scores @ layer_keys).sum(dim=0) * scale
+        return grad_queries.to(queries.dtype), None, None
