@@ -11,6 +11,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from fpt import __version__
+from fpt.bench.memory import METERS
+from fpt.bench.steps import STEP_METHODS
 from fpt.cache import CACHE_DTYPES
 from fpt.config import METHOD_CONFIGS, MethodConfig
 from fpt.data.transforms import Augmentation
@@ -138,24 +140,85 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     demo.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     demo.set_defaults(handler=_run_demo)
+
+    bench = commands.add_parser(
+        "bench",
+        help="compare methods: training memory and parameters (memory), or accuracy on a dataset (accuracy)",
+        description="Benchmarks that put FPT/FPT+ and the baselines side by side, measured alike.",
+    )
+    benches = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
+    memory = benches.add_parser(
+        "memory",
+        help="peak training-step memory, learnable parameters and step time per method",
+        description="Meter one training step (forward, backward, AdamW; after a warm-up step) of each method with "
+        "random weights. Two meters: measured (CUDA max_memory_allocated, or on CPU the exact peak of live tensor "
+        "bytes) and simulated (fake tensors: no memory used, any size predicted). Measuring is skipped, with a "
+        "note, where the simulated peak would not fit in free memory.",
+    )
+    _add_backbone_arguments(memory)
+    memory.add_argument("--input-size", type=int, default=512, metavar="S", help="LPM input size (default: 512)")
+    memory.add_argument("--batch-size", type=int, default=16, metavar="B", help="batch size (default: 16)")
+    memory.add_argument(
+        "--methods",
+        type=_method_list,
+        default=list(STEP_METHODS),
+        metavar="LIST",
+        help=f"comma-separated, from {', '.join(STEP_METHODS)} (default: all)",
+    )
+    memory.add_argument(
+        "--meters",
+        type=_meter_list,
+        default=list(METERS),
+        metavar="LIST",
+        help="measured,simulated (default: both); simulated alone is fast at any size",
+    )
+    memory.add_argument("--device", default="cpu", help="device of the measured meter (default: cpu)")
+    memory.add_argument("--num-classes", type=int, default=5, metavar="K", help="classes of the head (default: 5)")
+    memory.add_argument(
+        "--sweep-input-size",
+        type=_int_list,
+        metavar="S,S,...",
+        help="meter every input size instead of --input-size; writes memory_sweep.csv and memory_sweep.png",
+    )
+    memory.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    memory.add_argument(
+        "--plot",
+        nargs="?",
+        const="memory.png",
+        metavar="PNG",
+        help="draw the peaks as a bar chart (default file: memory.png, in --out)",
+    )
+    memory.add_argument("--out", default=".", metavar="DIR", help="folder for plots and the sweep CSV (default: .)")
+    memory.set_defaults(handler=_run_bench_memory)
+
+    accuracy = benches.add_parser(
+        "accuracy",
+        help="train methods on one dataset with identical settings and compare AUC, memory, PPE and PME",
+        description="Train every --methods on DATA with the same settings into OUT/runs/<method> (finished runs "
+        "are reused, interrupted ones resumed), meter their training memory, and write OUT/accuracy.md and "
+        "OUT/accuracy.json: AUC, accuracy, kappa, learnable %, peak memory, PPE = AUC*exp(-log10(r+1)) and "
+        "PME = AUC*exp(-log10(m+1)), r and m the parameter and memory ratios to full fine-tuning.",
+    )
+    accuracy.add_argument("data", metavar="DATA", help="dataset folder or CSV manifest")
+    accuracy.add_argument("--out", default="fpt-bench-accuracy", metavar="DIR", help="default: fpt-bench-accuracy")
+    accuracy.add_argument(
+        "--methods",
+        type=_method_list,
+        default=list(METHOD_CONFIGS),
+        metavar="LIST",
+        help=f"comma-separated (default: {','.join(METHOD_CONFIGS)}; a /no-cache variant runs the LPM every step)",
+    )
+    _add_backbone_arguments(accuracy)
+    accuracy.add_argument("--input-size", type=int, default=512, metavar="S", help="LPM input size (default: 512)")
+    _add_data_arguments(accuracy)
+    _add_training_arguments(accuracy, with_cache_option=False)
+    accuracy.set_defaults(handler=_run_bench_accuracy)
     return parser
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: bool = False) -> None:
     """Options that define a method's configuration; unset ones keep the method's preset."""
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--backbone",
-        default=DEFAULT_BACKBONE,
-        metavar="NAME",
-        help="the frozen LPM: a timm name (vit_base_patch16_384.orig_in21k_ft_in1k), hf-hub:ORG/REPO, a Hugging "
-        f"Face ViT repo id or a local checkpoint directory (default: {DEFAULT_BACKBONE})",
-    )
-    group.add_argument(
-        "--backbone-weights",
-        metavar="FILE",
-        help="local .safetensors/.pth/.bin weights for the --backbone architecture (nothing is downloaded)",
-    )
+    group = _add_backbone_arguments(parser)
     group.add_argument(
         "--method",
         choices=tuple(METHOD_CONFIGS),
@@ -184,6 +247,33 @@ def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: b
     group.add_argument("--adapter-dim", type=int, metavar="D", help="adapter: bottleneck width (preset: 64)")
 
 
+def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        metavar="NAME",
+        help="the pre-trained LPM: a timm name (vit_base_patch16_384.orig_in21k_ft_in1k), hf-hub:ORG/REPO, a "
+        "Hugging Face ViT repo id, a local checkpoint directory, or 'demo' (the shipped demo LPM) "
+        f"(default: {DEFAULT_BACKBONE})",
+    )
+    group.add_argument(
+        "--backbone-weights",
+        metavar="FILE",
+        help="local .safetensors/.pth/.bin weights for the --backbone architecture (nothing is downloaded)",
+    )
+    return group
+
+
+def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
+    """The backbone spec of ``--backbone`` / ``--backbone-weights`` ('demo': the shipped demo LPM)."""
+    if args.backbone == "demo":
+        from fpt.demo import demo_backbone
+
+        return demo_backbone()
+    return BackboneSpec(args.backbone, weights=args.backbone_weights).with_absolute_paths()
+
+
 MODEL_OPTIONS = {  # config field: command-line option
     "lpm_input_size": "--input-size",
     "side_input_size": "--side-input-size",
@@ -210,7 +300,7 @@ def config_from_args(args: argparse.Namespace) -> MethodConfig:
     if unused:
         raise FPTError(f"--method {args.method} has no {', '.join(unused)}; drop the option or pick another method")
     return config_class(
-        backbone=BackboneSpec(args.backbone, weights=args.backbone_weights).with_absolute_paths(),
+        backbone=backbone_from_args(args),
         num_classes=getattr(args, "num_classes", None) or 1,
         **given,
     )
@@ -238,9 +328,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seed for splits, shuffling, augmentation and init (default: 0)")
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: bool = True) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--no-cache", action="store_true", help="run the LPM on the fly instead of caching features")
+    if with_cache_option:
+        group.add_argument("--no-cache", action="store_true", help="run the LPM on the fly instead of caching features")
     group.add_argument("--epochs", type=int, help="default: 20")
     group.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4)")
     group.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1)")
@@ -399,6 +490,74 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, DemoSettings(epochs=args.epochs, lr=args.lr, seed=args.seed))
     return 0
+
+
+def _run_bench_memory(args: argparse.Namespace) -> int:
+    from fpt.bench.memory_benchmark import (
+        benchmark_memory,
+        format_memory_table,
+        plot_memory,
+        plot_sweep,
+        write_sweep_csv,
+    )
+
+    backbone = backbone_from_args(args)
+    sizes = args.sweep_input_size or [args.input_size]
+    progress = not args.json
+    results = []
+    for size in sizes:
+        if progress and len(sizes) > 1:
+            print(f"input size {size} px")
+        results.append(
+            benchmark_memory(
+                backbone, size, args.batch_size, args.methods, args.meters, args.device, args.num_classes, progress
+            )
+        )
+    out = Path(args.out)
+    written = []
+    if args.sweep_input_size:
+        written += [write_sweep_csv(results, out / "memory_sweep.csv"), plot_sweep(results, out / "memory_sweep.png")]
+    if args.plot:
+        written += [
+            plot_memory(result, out / f"{Path(args.plot).stem}_{result['setting']['input_size']}px.png")
+            if len(results) > 1
+            else plot_memory(result, out / args.plot)
+            for result in results
+        ]
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"sweep": results}, indent=2))
+        return 0
+    for result in results:
+        print(format_memory_table(result) + "\n")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_bench_accuracy(args: argparse.Namespace) -> int:
+    from fpt.bench.accuracy_benchmark import RESULTS_TABLE, benchmark_accuracy, format_accuracy_table
+
+    result = benchmark_accuracy(
+        args.data, args.out, args.methods, backbone_from_args(args), args.input_size, training_config_from_args(args)
+    )
+    print(format_accuracy_table(result))
+    print(f"wrote {Path(args.out) / RESULTS_TABLE} and the runs in {Path(args.out) / 'runs'}")
+    return 0
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [m for m in methods if m not in STEP_METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {','.join(unknown)}; choose from {','.join(STEP_METHODS)}")
+    return methods
+
+
+def _meter_list(text: str) -> list[str]:
+    meters = [item.strip() for item in text.split(",") if item.strip()]
+    if not meters or any(m not in METERS for m in meters):
+        raise argparse.ArgumentTypeError(f"meters must be among {', '.join(METERS)}, got '{text}'")
+    return meters
 
 
 def _run_classes(run_dir: str) -> list[str]:

@@ -14,6 +14,16 @@ from fpt.errors import FPTError
 WEIGHTS_NAME = "model.safetensors"
 
 
+def check_input_size(option: str, size: int, patch_size: int) -> None:
+    """Raise unless ``size`` (pixels, named ``option`` in the message) is a multiple of the patch size."""
+    if size % patch_size:
+        below = size - size % patch_size
+        raise FPTError(
+            f"{option} {size} is not a multiple of the LPM's patch size {patch_size}; "
+            f"use {below} or {below + patch_size}"
+        )
+
+
 class TransferModel(nn.Module):
     """A pre-trained LPM adapted to a task; only the parameters with ``requires_grad`` are trained and saved."""
 

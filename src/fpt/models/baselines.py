@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fpt.config import AdapterConfig, FullFineTuningConfig, LoRAConfig, MethodConfig, VPTDeepConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
-from fpt.models.base import TransferModel
+from fpt.models.base import TransferModel, check_input_size
 
 BASELINE_METHODS = ("full", "linear", "vpt-deep", "lora", "adapter")
 
@@ -32,8 +32,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
@@ -51,10 +52,10 @@ class MLPWithAdapter(nn.Module):
 
     def __init__(self, mlp: nn.Module, dim: int, bottleneck_dim: int) -> None:
         super().__init__()
-        device = next(mlp.parameters()).device
+        weight = next(mlp.parameters())
         self.mlp = mlp
-        self.down = nn.Linear(dim, bottleneck_dim, device=device)
-        self.up = nn.Linear(bottleneck_dim, dim, device=device)
+        self.down = nn.Linear(dim, bottleneck_dim, device=weight.device, dtype=weight.dtype)
+        self.up = nn.Linear(bottleneck_dim, dim, device=weight.device, dtype=weight.dtype)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -76,6 +77,8 @@ class BaselineViT(TransferModel):
         super().__init__()
         if config.method not in BASELINE_METHODS:
             raise FPTError(f"'{config.method}' is not a baseline; expected one of {', '.join(BASELINE_METHODS)}")
+        patch_size = backbone.patch_embed.patch_size[0]
+        check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, patch_size)
         self.config = config
         backbone.requires_grad_(isinstance(config, FullFineTuningConfig))
         backbone.reset_classifier(config.num_classes)  # new, trainable
@@ -89,8 +92,10 @@ class BaselineViT(TransferModel):
                 block.mlp = MLPWithAdapter(block.mlp, backbone.embed_dim, config.bottleneck_dim)
         elif isinstance(config, VPTDeepConfig):
             depth, dim = len(backbone.blocks), backbone.embed_dim
-            device = backbone.cls_token.device if backbone.cls_token is not None else None
-            self.prompts = nn.Parameter(torch.empty(depth, config.num_prompts, dim, device=device))
+            weight = backbone.patch_embed.proj.weight
+            self.prompts = nn.Parameter(
+                torch.empty(depth, config.num_prompts, dim, device=weight.device, dtype=weight.dtype)
+            )
             patch_area = math.prod(backbone.patch_embed.patch_size)
             bound = math.sqrt(6.0 / (3 * patch_area + dim))  # VPT's Xavier-uniform over a patch
             nn.init.uniform_(self.prompts, -bound, bound)

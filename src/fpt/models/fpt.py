@@ -10,7 +10,7 @@ from torch import Tensor
 from fpt.config import FPTConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
-from fpt.models.base import TransferModel
+from fpt.models.base import TransferModel, check_input_size
 from fpt.models.frozen_encoder import FrozenEncoder, LPMFeatures, LPMGeometry, validate_tapped_layers
 from fpt.models.fusion import FPTFusion, FPTPlusFusion, PromptFusion
 from fpt.models.side_vit import SideViT
@@ -36,16 +36,8 @@ class FPTModel(TransferModel):
             raise FPTError(
                 f"LPM width {geometry.embed_dim} is not divisible by side_width_divisor {config.side_width_divisor}"
             )
-        for option, size in (
-            ("lpm_input_size (--input-size)", config.lpm_input_size),
-            ("side_input_size (--side-input-size)", config.side_input_size),
-        ):
-            if size % geometry.patch_size:
-                below = size - size % geometry.patch_size
-                raise FPTError(
-                    f"{option} {size} is not a multiple of the LPM's patch size {geometry.patch_size}; "
-                    f"use {below} or {below + geometry.patch_size}"
-                )
+        check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, geometry.patch_size)
+        check_input_size("side_input_size (--side-input-size)", config.side_input_size, geometry.patch_size)
         side_dim = geometry.embed_dim // config.side_width_divisor
         self.config = replace(config, tapped_layers=tapped_layers)
         self.geometry = geometry

@@ -1,0 +1,147 @@
+"""``fpt bench accuracy``: train several methods on one dataset with identical settings, side by side.
+
+Each method trains into ``OUT/runs/<method>`` with the same ``TrainingConfig`` (FPT and FPT+ share one
+feature cache). A finished run is reused and an interrupted one resumed, so rerunning the command
+continues where it stopped. The table adds, from ``fpt bench memory``'s harness at the same backbone,
+resolution, batch size and class count, each method's learnable parameters and peak training-step
+memory, and the efficiency scores of the original work:
+
+    PPE = AUC · exp(−log10(r + 1)),   PME = AUC · exp(−log10(m + 1)),
+
+with r and m the learnable-parameter and peak-memory ratios to full fine-tuning (r = m = 1 for it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from fpt.bench.memory_benchmark import MiB, benchmark_memory
+from fpt.bench.steps import NO_CACHE, STEP_METHODS
+from fpt.config import METHOD_CONFIGS
+from fpt.errors import FPTError
+from fpt.models.backbone import BackboneSpec
+from fpt.train import METRICS_FILE, RESULTS_FILE, RUN_FILE, TrainingConfig, resume, train
+
+RESULTS_JSON = "accuracy.json"
+RESULTS_TABLE = "accuracy.md"
+
+
+def efficiency_score(auc: float, ratio: float) -> float:
+    """AUC · exp(−log10(ratio + 1)): PPE with the parameter ratio r, PME with the memory ratio m."""
+    return auc * math.exp(-math.log10(ratio + 1.0))
+
+
+def benchmark_accuracy(
+    data: str | Path,
+    out: str | Path,
+    methods: Sequence[str],
+    backbone: BackboneSpec,
+    lpm_input_size: int,
+    training: TrainingConfig,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or reuse, or resume) every method on ``data`` and write ``OUT/accuracy.json`` and ``accuracy.md``."""
+    unknown = [m for m in methods if m not in STEP_METHODS]
+    if unknown:
+        raise FPTError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(STEP_METHODS)}")
+    out = Path(out)
+    outcomes: dict[str, dict[str, Any]] = {}
+    for index, method in enumerate(methods, start=1):
+        run_dir = out / "runs" / method.replace("/", "-")
+        if progress:
+            print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
+        if (run_dir / RESULTS_FILE).is_file():
+            results = json.loads((run_dir / RESULTS_FILE).read_text())
+        elif (run_dir / RUN_FILE).is_file():
+            results = resume(run_dir, progress=progress)
+        else:
+            config = METHOD_CONFIGS[method.removesuffix(NO_CACHE)](
+                backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size
+            )
+            method_training = replace(training, cache_dir=None) if method.endswith(NO_CACHE) else training
+            results = train(data, run_dir, config, method_training, progress=progress)
+        outcomes[method] = {**results, "train_seconds": _training_seconds(run_dir)}
+
+    num_classes = len(next(iter(outcomes.values()))["classes"])
+    metered = list(methods) if "full" in methods else ["full", *methods]
+    memory = benchmark_memory(
+        backbone,
+        lpm_input_size,
+        training.batch_size,
+        metered,
+        device=training.device,
+        num_classes=num_classes,
+        progress=progress,
+    )
+    rows = {}
+    for method, outcome in outcomes.items():
+        best, cost = outcome["best"], memory["methods"][method]
+        auc = best["auc"]
+        rows[method] = {
+            "auc": auc,
+            "accuracy": best["accuracy"],
+            "kappa": best["kappa"],
+            "best_epoch": outcome["best_epoch"],
+            "learnable_params": cost["learnable_params"],
+            "learnable_ratio": cost["learnable_ratio"],
+            "peak_bytes": cost["peak_bytes"],
+            "peak_meter": cost["peak_meter"],
+            "memory_ratio": cost["memory_ratio"],
+            "ppe": efficiency_score(auc, cost["learnable_ratio"]) if auc is not None else None,
+            "pme": efficiency_score(auc, cost["memory_ratio"]) if auc is not None else None,
+            "train_seconds": outcome["train_seconds"],
+        }
+    result = {
+        "setting": {
+            "data": str(Path(data).resolve()),
+            "backbone": backbone.to_dict(),
+            "lpm_input_size": lpm_input_size,
+            "training": asdict(training),
+            "memory": memory["setting"],
+            "full_fine_tuning_peak_bytes": memory["methods"]["full"]["peak_bytes"],
+        },
+        "methods": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    (out / RESULTS_TABLE).write_text(format_accuracy_table(result) + "\n")
+    return result
+
+
+def format_accuracy_table(result: dict[str, Any]) -> str:
+    """A Markdown table of ``benchmark_accuracy``'s result (metrics of each run's best checkpoint, test split)."""
+    setting, training = result["setting"], result["setting"]["training"]
+    lines = [
+        f"{setting['backbone']['name']} at {setting['lpm_input_size']} px on {setting['data']}; "
+        f"{training['epochs']} epochs, lr {training['lr']}, batch {training['batch_size']}, seed {training['seed']}; "
+        f"memory: {setting['memory']['device']} ({setting['memory']['machine']}), torch {setting['memory']['torch']}",
+        "",
+        "| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME | train time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in result["methods"].items():
+        lines.append(
+            f"| {name} | {_fixed(row['auc'])} | {_fixed(row['accuracy'])} | {_fixed(row['kappa'])} | "
+            f"{row['learnable_params']:,} | {100 * row['learnable_ratio']:.2f} % | "
+            f"{row['peak_bytes'] / MiB:,.1f} MiB ({row['peak_meter']}) | {_percent(row['memory_ratio'])} | "
+            f"{_fixed(row['ppe'])} | {_fixed(row['pme'])} | {row['train_seconds']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def _training_seconds(run_dir: Path) -> float:
+    lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    return sum(json.loads(line)["seconds"] for line in lines if line.strip())
+
+
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"

@@ -1,0 +1,252 @@
+"""``fpt bench memory``: peak training-step memory, learnable parameters and step time, method by method.
+
+Every method's step comes from ``fpt.bench.steps.training_step`` (random weights: memory does not depend
+on their values) and is metered by both meters of ``fpt.bench.memory``. The simulated meter runs first;
+the measured one is skipped, with a note, when the simulated peak would not fit in the device's free
+memory. Ratios are to full fine-tuning on the same meter: r for learnable parameters (the LPM with the
+task's head), m for peak memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from fpt.bench.memory import METERS, measure_training_step, simulate_training_step
+from fpt.bench.steps import STEP_METHODS, training_step
+from fpt.config import FullFineTuningConfig
+from fpt.errors import FPTError
+from fpt.models.backbone import BackboneSpec
+from fpt.models.build import build_model
+from fpt.runtime import progress_bar, select_device
+
+FITS_FRACTION = 0.85  # of the free memory a measured step may need; the rest is the process's own
+MiB = 2**20
+
+
+@dataclass
+class MethodMemory:
+    """One method's row. ``peak_bytes`` is the measured peak, or the simulated one where measuring was skipped."""
+
+    method: str
+    learnable_params: int
+    learnable_ratio: float  # r: learnable / full fine-tuning's learnable
+    peak_bytes: int | None
+    peak_meter: str | None
+    measured_peak_bytes: int | None
+    simulated_peak_bytes: int | None
+    baseline_bytes: int | None  # alive before the step: weights, optimizer state, inputs
+    step_seconds: float | None
+    memory_ratio: float | None = None  # m: peak / full fine-tuning's peak on the same meter
+    note: str | None = None
+
+
+def benchmark_memory(
+    backbone: BackboneSpec,
+    input_size: int,
+    batch_size: int,
+    methods: Sequence[str] = STEP_METHODS,
+    meters: Sequence[str] = METERS,
+    device: str = "cpu",
+    num_classes: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Meter one training step of every method; returns ``{"setting": {...}, "methods": {NAME: {...}}}``."""
+    unknown = [m for m in methods if m not in STEP_METHODS]
+    if unknown:
+        raise FPTError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(STEP_METHODS)}")
+    if not meters or any(m not in METERS for m in meters):
+        raise FPTError(f"meters must be among {', '.join(METERS)}")
+    target = select_device(device)
+    full_learnable = full_fine_tuning_params(backbone, num_classes)
+    rows = []
+    for method in progress_bar(methods, enabled=progress, desc="memory", unit="method"):
+        step = training_step(method, backbone, input_size, batch_size, num_classes)
+        simulated = simulate_training_step(step.model, step.loss, step.inputs) if "simulated" in meters else None
+        measured, note = None, None
+        if "measured" in meters:
+            needed = simulated.peak_bytes if simulated else None
+            free = free_memory_bytes(target)
+            if needed is not None and needed > FITS_FRACTION * free:
+                note = f"measured skipped: needs {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on {target}"
+            else:
+                step.model.to(target)
+                inputs = [tensor.to(target) for tensor in step.inputs]
+                measured = measure_training_step(step.model, step.loss, inputs)
+        chosen = measured or simulated
+        rows.append(
+            MethodMemory(
+                method=method,
+                learnable_params=step.learnable_params,
+                learnable_ratio=step.learnable_params / full_learnable,
+                peak_bytes=chosen.peak_bytes if chosen else None,
+                peak_meter=("measured" if measured else "simulated") if chosen else None,
+                measured_peak_bytes=measured.peak_bytes if measured else None,
+                simulated_peak_bytes=simulated.peak_bytes if simulated else None,
+                baseline_bytes=chosen.baseline_bytes if chosen else None,
+                step_seconds=measured.step_seconds if measured else None,
+                note=note,
+            )
+        )
+        del step
+    _add_memory_ratios(rows)
+    return {
+        "setting": {
+            "backbone": backbone.to_dict(),
+            "input_size": input_size,
+            "batch_size": batch_size,
+            "num_classes": num_classes,
+            "device": str(target),
+            "machine": machine_description(target),
+            "torch": torch.__version__,
+            "full_fine_tuning_params": full_learnable,
+        },
+        "methods": {row.method: asdict(row) for row in rows},
+    }
+
+
+def _add_memory_ratios(rows: list[MethodMemory]) -> None:
+    """m per row against full fine-tuning's peak on the same meter (measured if both have it)."""
+    full = next((row for row in rows if row.method == "full"), None)
+    if full is None:
+        return
+    for row in rows:
+        for meter in ("measured_peak_bytes", "simulated_peak_bytes"):
+            if getattr(row, meter) and getattr(full, meter):
+                row.memory_ratio = getattr(row, meter) / getattr(full, meter)
+                break
+
+
+def full_fine_tuning_params(backbone: BackboneSpec, num_classes: int) -> int:
+    """Learnable parameters of full fine-tuning: the whole LPM with a ``num_classes`` head (counted on meta)."""
+    with torch.device("meta"):
+        config = FullFineTuningConfig(backbone=backbone, num_classes=num_classes)
+        return build_model(config, pretrained_lpm=False).num_learnable_params()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a step could still use on ``device``: free CUDA memory, else the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def format_memory_table(result: dict[str, Any]) -> str:
+    """A Markdown table of ``benchmark_memory``'s result."""
+    setting = result["setting"]
+    lines = [
+        f"{setting['backbone']['name']}, {setting['input_size']} px, batch {setting['batch_size']}, "
+        f"{setting['num_classes']} classes; {setting['device']} ({setting['machine']}), torch {setting['torch']}",
+        "",
+        "| method | learnable params | r | measured peak (MiB) | simulated peak (MiB) | m (% of full) | step (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    notes = []
+    for name, row in result["methods"].items():
+        measured = _mib(row["measured_peak_bytes"]) if row["measured_peak_bytes"] else "skipped*"
+        if row["note"]:
+            notes.append(f"\\* {name}: {row['note']}")
+        simulated = _mib(row["simulated_peak_bytes"]) if row["simulated_peak_bytes"] else "n/a"
+        ratio = f"{100 * row['memory_ratio']:.2f} %" if row["memory_ratio"] is not None else "n/a"
+        seconds = f"{row['step_seconds']:.2f}" if row["step_seconds"] is not None else "n/a"
+        lines.append(
+            f"| {name} | {row['learnable_params']:,} | {100 * row['learnable_ratio']:.2f} % | {measured} | "
+            f"{simulated} | {ratio} | {seconds} |"
+        )
+    return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def write_sweep_csv(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One row per (input size, method): learnable parameters and both meters' peaks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["input_size", "method", "learnable_params", "measured_peak_bytes", "simulated_peak_bytes"])
+        for result in results:
+            for name, row in result["methods"].items():
+                writer.writerow(
+                    [
+                        result["setting"]["input_size"],
+                        name,
+                        row["learnable_params"],
+                        row["measured_peak_bytes"] or "",
+                        row["simulated_peak_bytes"] or "",
+                    ]
+                )
+    return path
+
+
+def plot_memory(result: dict[str, Any], path: str | Path) -> Path:
+    """A bar chart (log scale) of each method's peak training-step memory."""
+    names = [name for name, row in result["methods"].items() if row["peak_bytes"]]
+    peaks = [result["methods"][name]["peak_bytes"] / MiB for name in names]
+    setting = result["setting"]
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.barh(names, peaks, color="#4c72b0")
+    axis.set_xscale("log")
+    axis.invert_yaxis()
+    axis.set_xlabel("peak training-step memory (MiB, log scale)")
+    axis.set_title(f"{setting['backbone']['name']}, {setting['input_size']} px, batch {setting['batch_size']}")
+    for y, peak in enumerate(peaks):
+        axis.text(peak, y, f" {peak:,.0f}", va="center", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_sweep(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Peak memory against input size, one line per method (measured where run, else simulated)."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name in results[0]["methods"]:
+        points = [
+            (result["setting"]["input_size"], result["methods"][name]["peak_bytes"] / MiB)
+            for result in results
+            if result["methods"][name]["peak_bytes"]
+        ]
+        axis.plot(*zip(*points, strict=True), marker="o", label=name)
+    setting = results[0]["setting"]
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xticks([r["setting"]["input_size"] for r in results], [str(r["setting"]["input_size"]) for r in results])
+    axis.set_xlabel("LPM input size (px)")
+    axis.set_ylabel("peak training-step memory (MiB)")
+    axis.set_title(f"{setting['backbone']['name']}, batch {setting['batch_size']}")
+    axis.legend(fontsize=8)
+    axis.grid(True, which="both", alpha=0.3)
+    return _save(figure, path)
+
+
+def _save(figure: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _mib(size: int) -> str:
+    return f"{size / MiB:,.1f}"
