@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 
+from fpt.bench.memory import simulate_training_step
 from fpt.errors import FPTError
-from fpt.models.side_vit import SideViT
+from fpt.models.side_vit import RecomputedActivationMlp, SideViT
 from tests.conftest import explicit_layer_norm, randomize_
 
 BATCH, IMG, PATCH, WIDTH, HEADS, DEPTH, CLASSES, PROMPTS = 2, 16, 8, 12, 3, 2, 5, 4
@@ -159,3 +161,28 @@ def test_fresh_init_is_trunc_normal_002_with_zero_biases():
             assert torch.count_nonzero(module.bias) == 0, name
     for embedding in (side.cls_token, side.pos_embed):
         assert 0.012 < embedding.detach().std().item() < 0.028
+
+
+def test_recomputed_activation_mlp_matches_timms_mlp_and_keeps_less() -> None:
+    torch.manual_seed(0)
+    recomputed = RecomputedActivationMlp(32, 128)
+    reference = Mlp(32, 128)
+    reference.load_state_dict(recomputed.state_dict())
+    x = torch.randn(4, 10, 32)
+    outputs, gradients = [], []
+    for mlp in (recomputed, reference):
+        output = mlp(x)
+        output.square().sum().backward()
+        outputs.append(output.detach())
+        gradients.append([p.grad for p in mlp.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for got, want in zip(*gradients, strict=True):
+        torch.testing.assert_close(got, want)
+
+    def peak(mlp_class: type[Mlp]) -> int:
+        stack = torch.nn.Sequential(*(mlp_class(32, 128) for _ in range(4)))  # activations pile up across layers
+        tokens = torch.randn(64, 10, 32)
+        return simulate_training_step(stack, lambda m, inputs: m(*inputs).square().sum(), [tokens]).peak_bytes
+
+    activation_bytes = 64 * 10 * 128 * 4  # one GELU output, float32
+    assert peak(RecomputedActivationMlp) <= peak(Mlp) - 2 * activation_bytes

@@ -9,13 +9,31 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fpt.errors import FPTError
 
 SIDE_LAYER_NORM_EPS = 1e-12
+
+
+class RecomputedActivationMlp(Mlp):
+    """timm's Mlp whose activation output [B, N, hidden] is recomputed in backward instead of kept.
+
+    It is the largest activation of a side block, and GELU is cheap to recompute; weights and results are
+    those of ``Mlp``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled():
+            return checkpoint(self._after_fc1, hidden, use_reentrant=False)
+        return self._after_fc1(hidden)
+
+    def _after_fc1(self, hidden: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(hidden)))))
 
 
 class SideViT(nn.Module):
@@ -51,7 +69,15 @@ class SideViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, act_layer=nn.GELU, norm_layer=norm_layer)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=True,
+                act_layer=nn.GELU,
+                norm_layer=norm_layer,
+                mlp_layer=RecomputedActivationMlp,
+            )
             for _ in range(depth)
         )
         self.norm = norm_layer(embed_dim)
