@@ -271,3 +271,22 @@ def test_cli_trains_meters_and_prints_the_table(
     assert row["learnable_params"] == 64 * 3 + 3
     assert result["setting"]["training"]["epochs"] == 1
     assert not (tmp_path / "fpt-cache").exists()  # linear probing trains through the LPM: nothing is preloaded
+
+
+def test_a_run_trained_with_other_settings_is_not_reused(
+    tmp_path: Path, bench: tuple[Path, dict], image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    out, _ = bench
+    shutil.copytree(out, tmp_path / "out")
+    training = benchmark_training(tmp_path / "cache", lr=0.5)
+    with pytest.raises(FPTError, match=r"runs/linear was trained with other settings \(lr\)"):
+        benchmark_accuracy(
+            image_data, tmp_path / "out", METHODS, BackboneSpec(str(tiny_lpm_dir)), LPM_INPUT_SIZE, training
+        )
+
+
+def test_an_empty_method_list_is_refused(tmp_path: Path, image_data: Path, tiny_lpm_dir: Path) -> None:
+    with pytest.raises(FPTError, match="at least one method"):
+        benchmark_accuracy(
+            image_data, tmp_path, [], BackboneSpec(str(tiny_lpm_dir)), 64, benchmark_training(tmp_path / "c")
+        )

@@ -167,7 +167,7 @@ def test_measuring_is_skipped_with_a_note_where_the_step_would_not_fit(monkeypat
         row = rows[method]
         needed = row["simulated_peak_bytes"]
         assert needed > FITS_FRACTION * free
-        assert row["note"] == f"measured skipped: needs {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on cpu"
+        assert row["note"] == f"measured skipped: needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on cpu"
         assert row["measured_peak_bytes"] is None and row["step_seconds"] is None
         assert row["peak_meter"] == "simulated"
         assert row["peak_bytes"] == needed

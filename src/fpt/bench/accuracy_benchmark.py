@@ -22,10 +22,10 @@ from typing import Any
 
 from fpt.bench.memory_benchmark import MiB, benchmark_memory
 from fpt.bench.steps import NO_CACHE, STEP_METHODS
-from fpt.config import METHOD_CONFIGS
+from fpt.config import METHOD_CONFIGS, MethodConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec
-from fpt.train import METRICS_FILE, RESULTS_FILE, RUN_FILE, TrainingConfig, resume, train
+from fpt.train import METRICS_FILE, RESULTS_FILE, RUN_FILE, Run, TrainingConfig, resume, train
 
 RESULTS_JSON = "accuracy.json"
 RESULTS_TABLE = "accuracy.md"
@@ -47,6 +47,8 @@ def benchmark_accuracy(
 ) -> dict[str, Any]:
     """Train (or reuse, or resume) every method on ``data`` and write ``OUT/accuracy.json`` and ``accuracy.md``."""
     unknown = [m for m in methods if m not in STEP_METHODS]
+    if not methods:
+        raise FPTError("give at least one method to train")
     if unknown:
         raise FPTError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(STEP_METHODS)}")
     out = Path(out)
@@ -55,15 +57,17 @@ def benchmark_accuracy(
         run_dir = out / "runs" / method.replace("/", "-")
         if progress:
             print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
+        config = METHOD_CONFIGS[method.removesuffix(NO_CACHE)](
+            backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size
+        )
+        method_training = replace(training, cache_dir=None) if method.endswith(NO_CACHE) else training
+        if (run_dir / RUN_FILE).is_file():
+            _check_same_settings(run_dir, config, method_training)
         if (run_dir / RESULTS_FILE).is_file():
             results = json.loads((run_dir / RESULTS_FILE).read_text())
         elif (run_dir / RUN_FILE).is_file():
             results = resume(run_dir, progress=progress)
         else:
-            config = METHOD_CONFIGS[method.removesuffix(NO_CACHE)](
-                backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size
-            )
-            method_training = replace(training, cache_dir=None) if method.endswith(NO_CACHE) else training
             results = train(data, run_dir, config, method_training, progress=progress)
         outcomes[method] = {**results, "train_seconds": _training_seconds(run_dir)}
 
@@ -132,6 +136,26 @@ def format_accuracy_table(result: dict[str, Any]) -> str:
             f"{_fixed(row['ppe'])} | {_fixed(row['pme'])} | {row['train_seconds']:.0f} s |"
         )
     return "\n".join(lines)
+
+
+def _check_same_settings(run_dir: Path, config: MethodConfig, training: TrainingConfig) -> None:
+    """Refuse to reuse or resume a run trained otherwise than asked (where it ran and cached may differ)."""
+    run = Run.load(run_dir)
+    recorded, wanted = asdict(run.training), asdict(training)
+    where = ("device", "num_workers", "cache_dir")
+    differs = [name for name in wanted if name not in where and recorded[name] != wanted[name]]
+    if (recorded["cache_dir"] is None) != (wanted["cache_dir"] is None):
+        differs.append("cache_dir")
+    for name in ("backbone", "lpm_input_size"):
+        if getattr(run.model_config, name) != getattr(config, name):
+            differs.append(name)
+    if run.model_config.method != config.method:
+        differs.append("method")
+    if differs:
+        raise FPTError(
+            f"{run_dir} was trained with other settings ({', '.join(differs)}); choose another --out, or delete "
+            "that run to train it again"
+        )
 
 
 def _training_seconds(run_dir: Path) -> float:

@@ -79,7 +79,7 @@ def benchmark_memory(
             needed = simulated.peak_bytes if simulated else None
             free = free_memory_bytes(target)
             if needed is not None and needed > FITS_FRACTION * free:
-                note = f"measured skipped: needs {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on {target}"
+                note = f"measured skipped: needs {_readable(needed)}, {_readable(free)} free on {target}"
             else:
                 step.model.to(target)
                 inputs = [tensor.to(target) for tensor in step.inputs]
@@ -167,8 +167,9 @@ def format_memory_table(result: dict[str, Any]) -> str:
     ]
     notes = []
     for name, row in result["methods"].items():
-        measured = _mib(row["measured_peak_bytes"]) if row["measured_peak_bytes"] else "skipped*"
+        measured = _mib(row["measured_peak_bytes"]) if row["measured_peak_bytes"] else "n/a"
         if row["note"]:
+            measured = "skipped*"
             notes.append(f"\\* {name}: {row['note']}")
         simulated = _mib(row["simulated_peak_bytes"]) if row["simulated_peak_bytes"] else "n/a"
         ratio = f"{100 * row['memory_ratio']:.2f} %" if row["memory_ratio"] is not None else "n/a"
@@ -246,6 +247,10 @@ def _save(figure: Any, path: str | Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _readable(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / MiB:.1f} MiB"
 
 
 def _mib(size: int) -> str:

@@ -1,0 +1,23 @@
+#!/usr/bin/env sh
+# The commands behind BENCHMARKS.md. Run from the repository root with the project's venv active
+# (`make test` or `make demo` creates .venv): `sh benchmarks/run.sh [OUT]`.
+set -eu
+OUT=${1:-benchmark-results}
+mkdir -p "$OUT"
+
+# 1. Training memory, ViT-B/16 geometry at 512 px, batch 16: every method, both meters (about 10 min on
+#    2 CPU cores; full fine-tuning's measured step needs about 10.5 GiB).
+fpt bench memory --backbone vit_base_patch16_384 --input-size 512 --batch-size 16 --plot --out "$OUT" \
+    | tee "$OUT/memory_512.md"
+
+# 2. Resolution sweep, simulated meter (the measured one cannot hold full fine-tuning at 1024 px and up
+#    in 24 GiB, nor run the baselines at 2048 px on a CPU in reasonable time).
+fpt bench memory --backbone vit_base_patch16_384 --batch-size 16 --sweep-input-size 224,512,1024,2048 \
+    --meters simulated --out "$OUT" | tee "$OUT/memory_sweep.md"
+
+# 3. Accuracy on the demo data (the demo's 460 synthetic fundus images) with the demo's LPM, identical
+#    settings for every method (about 90 min on 2 CPU cores, most of it full fine-tuning).
+fpt synth "$OUT/demo_data"
+fpt bench accuracy "$OUT/demo_data" --backbone demo --input-size 512 --epochs 8 --lr 1e-3 --warmup-epochs 1 \
+    --batch-size 16 --methods full,linear,vpt-deep,lora,adapter,side-only,fpt,fpt+ --out "$OUT/accuracy" \
+    --cache "$OUT/cache"
