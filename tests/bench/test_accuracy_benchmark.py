@@ -23,8 +23,8 @@ from tests.pipeline_fixtures import LPM_INPUT_SIZE, fast_training, interrupt_at_
 
 pytest_plugins = ("tests.pipeline_fixtures",)
 
-METHODS = ("linear", "fpt+", "fpt+/no-cache")
-RUN_DIRS = {"linear": "linear", "fpt+": "fpt+", "fpt+/no-cache": "fpt+-no-cache"}
+METHODS = ("linear", "fpt", "fpt+", "fpt+/no-cache")  # fpt and fpt+ tap different layers: a cache each
+RUN_DIRS = {"linear": "linear", "fpt": "fpt", "fpt+": "fpt+", "fpt+/no-cache": "fpt+-no-cache"}
 BATCH_SIZE = 4
 
 
@@ -86,7 +86,8 @@ def test_no_cache_variant_trains_without_the_feature_cache(bench: tuple[Path, di
     cached = read_json(out / "runs" / "fpt+" / "run.json")
     uncached = read_json(out / "runs" / "fpt+-no-cache" / "run.json")
 
-    assert cached["training"]["cache_dir"] == str((out.parent / "cache").resolve())
+    assert cached["training"]["cache_dir"] == str((out.parent / "cache" / "fpt+").resolve())
+    assert read_json(out / "runs" / "fpt" / "run.json")["training"]["cache_dir"] == str(out.parent / "cache" / "fpt")
     assert cached["cache_fingerprint"] is not None
     assert uncached["training"]["cache_dir"] is None and uncached["cache_fingerprint"] is None
     assert (out.parent / "cache").is_dir()

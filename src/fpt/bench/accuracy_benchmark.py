@@ -1,10 +1,11 @@
 """``fpt bench accuracy``: train several methods on one dataset with identical settings, side by side.
 
-Each method trains into ``OUT/runs/<method>`` with the same ``TrainingConfig`` (FPT and FPT+ share one
-feature cache). A finished run is reused and an interrupted one resumed, so rerunning the command
-continues where it stopped. The table adds, from ``fpt bench memory``'s harness at the same backbone,
-resolution, batch size and class count, each method's learnable parameters and peak training-step
-memory, and the efficiency scores of the original work:
+Each method trains into ``OUT/runs/<method>`` with the same ``TrainingConfig``; FPT and FPT+ keep their
+feature caches (different tapped layers) in ``CACHE/<method>``. A finished run is reused and an
+interrupted one resumed, so rerunning the command continues where it stopped. The table adds, from
+``fpt bench memory``'s harness at the same backbone, resolution, batch size and class count, each
+method's learnable parameters and peak training-step memory, and the efficiency scores of the
+original work:
 
     PPE = AUC · exp(−log10(r + 1)),   PME = AUC · exp(−log10(m + 1)),
 
@@ -60,7 +61,7 @@ def benchmark_accuracy(
         config = METHOD_CONFIGS[method.removesuffix(NO_CACHE)](
             backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size
         )
-        method_training = replace(training, cache_dir=None) if method.endswith(NO_CACHE) else training
+        method_training = replace(training, cache_dir=_method_cache(training.cache_dir, method))
         if (run_dir / RUN_FILE).is_file():
             _check_same_settings(run_dir, config, method_training)
         if (run_dir / RESULTS_FILE).is_file():
@@ -136,6 +137,13 @@ def format_accuracy_table(result: dict[str, Any]) -> str:
             f"{_fixed(row['ppe'])} | {_fixed(row['pme'])} | {row['train_seconds']:.0f} s |"
         )
     return "\n".join(lines)
+
+
+def _method_cache(cache_dir: str | None, method: str) -> str | None:
+    """The method's own feature cache folder under ``cache_dir`` (None without a cache or for /no-cache)."""
+    if cache_dir is None or method.endswith(NO_CACHE):
+        return None
+    return str(Path(cache_dir) / method)
 
 
 def _check_same_settings(run_dir: Path, config: MethodConfig, training: TrainingConfig) -> None:
