@@ -23,6 +23,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import Tensor
 
 import fpt.train
@@ -185,3 +186,37 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_lpm_dir: Path, im
     directory = tmp_path_factory.mktemp("trained_run")
     train(image_data, directory / "run", tiny_config(tiny_lpm_dir), fast_training(directory / "cache"), progress=False)
     return directory / "run"
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The single `fpt: error: ...` line on stderr (and nothing that looks like a traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fpt: error: ")
+    return lines[0]
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    """Two run directories hold the same metrics, test results and best/last checkpoint weights."""
+    assert metric_lines(got) == metric_lines(want)
+    assert read_json(got / "results.json") == read_json(want / "results.json")
+    for name in ("best", "last"):
+        got_weights = load_file(got / "checkpoints" / name / "model.safetensors")
+        want_weights = load_file(want / "checkpoints" / name / "model.safetensors")
+        assert set(got_weights) == set(want_weights)
+        assert all(torch.equal(got_weights[key], want_weights[key]) for key in want_weights)
+
+
+def train_until_interrupted(
+    monkeypatch: pytest.MonkeyPatch, data: Path, run_dir: Path, config: Any, training: Any, epoch_index: int = 2
+) -> None:
+    """Train until Ctrl-C at the start of epoch ``epoch_index`` (0-based): the epochs before it are recorded,
+    no test results yet."""
+    interrupt_at_epoch(monkeypatch, epoch_index)
+    with pytest.raises(KeyboardInterrupt):
+        fpt.train.train(data, run_dir, config, training, progress=False)
+    monkeypatch.undo()
+    assert [line["epoch"] for line in metric_lines(run_dir)] == list(range(1, epoch_index + 1))
+    assert not (run_dir / "results.json").exists()

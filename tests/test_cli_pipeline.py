@@ -21,20 +21,11 @@ from tests.pipeline_fixtures import (
     cli_run_args,
     interrupt_at_epoch,
     metric_lines,
+    one_line_error,
     read_json,
 )
 
 pytest_plugins = ("tests.pipeline_fixtures",)
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    """The single `fpt: error: ...` line on stderr (and nothing that looks like a traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fpt: error: ")
-    return lines[0]
 
 
 def test_preload_reports_what_it_computed_and_reuses_everything_on_a_rerun(

@@ -27,11 +27,13 @@ from tests.pipeline_fixtures import (
     CLASSES,
     NUM_IMAGES,
     SPLIT_SIZES,
+    assert_same_run,
     fast_training,
     interrupt_at_epoch,
     metric_lines,
     read_json,
     tiny_config,
+    train_until_interrupted,
     write_image_folder,
 )
 
@@ -203,25 +205,15 @@ def test_resume_after_an_interruption_gives_the_same_run_as_no_interruption(
     training = fast_training(tmp_path / "cache" if use_cache else None, epochs=3)
     reference = train(image_data, tmp_path / "reference", config, training, progress=False)
 
-    interrupt_at_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train(image_data, tmp_path / "interrupted", config, training, progress=False)
-    monkeypatch.undo()
-    assert [line["epoch"] for line in metric_lines(tmp_path / "interrupted")] == [1, 2]
-    assert not (tmp_path / "interrupted" / "results.json").exists()
+    train_until_interrupted(monkeypatch, image_data, tmp_path / "interrupted", config, training)
     # TensorBoard orders event files by name: timestamp in whole seconds, then host, pid and a per-process
     # counter; within one second the counter's digits (9 < 10 as text) could put the resumed file first
     time.sleep(1.0)
 
     resumed = resume(tmp_path / "interrupted", progress=False)
 
-    assert metric_lines(tmp_path / "interrupted") == metric_lines(tmp_path / "reference")
     assert resumed == reference
-    assert read_json(tmp_path / "interrupted" / "results.json") == read_json(tmp_path / "reference" / "results.json")
-    for name in ("best", "last"):
-        got = load_file(tmp_path / "interrupted" / "checkpoints" / name / "model.safetensors")
-        want = load_file(tmp_path / "reference" / "checkpoints" / name / "model.safetensors")
-        assert all(torch.equal(got[key], want[key]) for key in want)
+    assert_same_run(tmp_path / "interrupted", tmp_path / "reference")
     events = EventAccumulator(str(tmp_path / "interrupted" / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3]

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from fpt.cli import main
 from fpt.config import METHOD_CONFIGS, MethodConfig
+from fpt.metrics import METRIC_NAMES
 from fpt.models.backbone import BackboneSpec
 from fpt.models.baselines import BASELINE_METHODS
 from fpt.models.build import load_model
@@ -24,17 +25,18 @@ from tests.pipeline_fixtures import (
     CLASSES,
     LPM_INPUT_SIZE,
     SPLIT_SIZES,
+    assert_same_run,
     cli_run_args,
     fast_training,
-    interrupt_at_epoch,
     metric_lines,
+    one_line_error,
     read_json,
     tiny_config,
+    train_until_interrupted,
 )
 
 pytest_plugins = ("tests.pipeline_fixtures",)
 
-METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "kappa")
 OPTIONS: dict[str, dict[str, Any]] = {
     "full": {},
     "linear": {},
@@ -58,16 +60,6 @@ def baseline_config(method: str, lpm_dir: Path, **overrides: Any) -> MethodConfi
 
 def cache_is_absent_or_empty(cache_dir: Path) -> bool:
     return not cache_dir.exists() or not any(cache_dir.iterdir())
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    """The single `fpt: error: ...` line on stderr (and nothing that looks like a traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fpt: error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +94,7 @@ def test_each_baseline_trains_without_a_feature_cache_and_its_run_evaluates_to_i
     assert results["best_epoch"] in (1, 2)
     for name in ("best", "last"):
         assert results[name]["num_samples"] == len(CLASSES) * SPLIT_SIZES["test"]
-        assert {*METRICS, "loss", "confusion_matrix"} <= results[name].keys()
+        assert {*METRIC_NAMES, "loss", "confusion_matrix"} <= results[name].keys()
         checkpoint = tmp_path / "run" / "checkpoints" / name
         assert {"config.json", "model.safetensors"} <= {path.name for path in checkpoint.iterdir()}
         # only the trained weights are stored, and they are exactly what the restored model trains
@@ -200,24 +192,13 @@ def test_an_interrupted_lora_run_resumes_to_the_same_metrics_results_and_weights
     training = fast_training(tmp_path / "cache", epochs=3)
     reference = train(image_data, tmp_path / "reference", config, training, progress=False)
 
-    interrupt_at_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train(image_data, tmp_path / "interrupted", config, training, progress=False)
-    monkeypatch.undo()
-    assert [line["epoch"] for line in metric_lines(tmp_path / "interrupted")] == [1, 2]
-    assert not (tmp_path / "interrupted" / "results.json").exists()
+    train_until_interrupted(monkeypatch, image_data, tmp_path / "interrupted", config, training)
 
     resumed = resume(tmp_path / "interrupted", progress=False)
 
     # TensorBoard events are left out: see test_train.py on event files written within the same second
-    assert metric_lines(tmp_path / "interrupted") == metric_lines(tmp_path / "reference")
     assert resumed == reference
-    assert read_json(tmp_path / "interrupted" / "results.json") == read_json(tmp_path / "reference" / "results.json")
-    for name in ("best", "last"):
-        got = load_file(tmp_path / "interrupted" / "checkpoints" / name / "model.safetensors")
-        want = load_file(tmp_path / "reference" / "checkpoints" / name / "model.safetensors")
-        assert set(got) == set(want)
-        assert all(torch.equal(got[key], want[key]) for key in want)
+    assert_same_run(tmp_path / "interrupted", tmp_path / "reference")
     assert cache_is_absent_or_empty(tmp_path / "cache")
 
 
