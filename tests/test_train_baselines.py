@@ -327,3 +327,17 @@ def test_cli_evaluate_of_a_baseline_run_prints_its_results(capsys: pytest.Captur
     assert main(["evaluate", str(lora_run), "--checkpoint", "last", "--device", "cpu", "--json"]) == 0
 
     assert json.loads(capsys.readouterr().out) == read_json(lora_run / "results.json")["last"]
+
+
+def test_cli_preload_of_a_baseline_is_refused_before_anything_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], image_data: Path
+) -> None:
+    args = ["preload", str(image_data), "--backbone", str(tmp_path / "no-such-lpm"), "--method", "lora"]
+    assert main([*args, "--cache", str(tmp_path / "cache")]) == 1
+    assert "--method lora has no LPM features to preload" in one_line_error(capsys)
+
+
+def test_cli_demo_backbone_takes_no_other_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["info", "--backbone", "demo", "--backbone-weights", str(tmp_path / "w.safetensors"), "--num-classes", "2"]
+    assert main(args) == 1
+    assert "drop --backbone-weights" in one_line_error(capsys)

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         help="count learnable/frozen parameters, kept tokens and cache size of a configuration",
         description="Build the model (random weights, no weights downloaded) and print its learnable and frozen "
-        "parameters, tapped layers, tokens kept per layer and the feature-cache bytes per image.",
+        "parameters and the learnable ratio; for fpt/fpt+ also the tapped layers, tokens kept per layer and the "
+        "feature-cache bytes per image.",
     )
     add_model_arguments(info, num_classes_required=True)
     info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -270,6 +271,8 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     if args.backbone == "demo":
         from fpt.demo import demo_backbone
 
+        if args.backbone_weights:
+            raise FPTError("--backbone demo comes with its own weights; drop --backbone-weights")
         return demo_backbone()
     return BackboneSpec(args.backbone, weights=args.backbone_weights).with_absolute_paths()
 
@@ -401,8 +404,11 @@ def _run_info(args: argparse.Namespace) -> int:
 def _run_preload(args: argparse.Namespace) -> int:
     from fpt.train import cache_features, prepare
 
+    config = config_from_args(args)
+    if not config.cacheable:
+        raise FPTError(f"--method {args.method} has no LPM features to preload; only fpt and fpt+ train from a cache")
     training = training_config_from_args(args)
-    dataset, model, normalization = prepare(args.data, config_from_args(args), training)
+    dataset, model, normalization = prepare(args.data, config, training)
     summary = cache_features(model, dataset, normalization, training, overwrite=args.overwrite)
     print(
         f"cache {summary.cache_dir}: {summary.computed} images computed, {summary.reused} already cached, "
@@ -535,20 +541,23 @@ def _run_bench_memory(args: argparse.Namespace) -> int:
 
 
 def _run_bench_accuracy(args: argparse.Namespace) -> int:
-    from fpt.bench.accuracy_benchmark import RESULTS_TABLE, benchmark_accuracy, format_accuracy_table
+    from fpt.bench.accuracy_benchmark import RESULTS_JSON, RESULTS_TABLE, benchmark_accuracy, format_accuracy_table
 
     result = benchmark_accuracy(
         args.data, args.out, args.methods, backbone_from_args(args), args.input_size, training_config_from_args(args)
     )
     print(format_accuracy_table(result))
-    print(f"wrote {Path(args.out) / RESULTS_TABLE} and the runs in {Path(args.out) / 'runs'}")
+    out = Path(args.out)
+    print(f"wrote {out / RESULTS_TABLE}, {out / RESULTS_JSON} and the runs in {out / 'runs'}")
     return 0
 
 
 def _method_list(text: str) -> list[str]:
     methods = [item.strip() for item in text.split(",") if item.strip()]
     unknown = [m for m in methods if m not in STEP_METHODS]
-    if unknown or not methods:
+    if not methods:
+        raise argparse.ArgumentTypeError("give at least one method")
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown method(s) {','.join(unknown)}; choose from {','.join(STEP_METHODS)}")
     return methods
 

@@ -101,8 +101,6 @@ def format_model_info(info: dict[str, Any]) -> str:
             ),
             ("cache per image (K+V)", cache),
         ]
-    elif "side_input_size" in info:
-        rows.append(("side network", f"{info['side_input_size']} px, width {info['side_width']}, no prompts"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

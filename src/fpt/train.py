@@ -72,7 +72,8 @@ class TrainingConfig:
         cache_dir: feature cache directory (preloaded LPM keys/values); None runs the LPM on the fly.
         cache_dtype: dtype of cached keys/values.
         normalization: "backbone" (the LPM's pre-training mean/std) or "auto" (training-set statistics).
-        augmentation: side-view augmentation.
+        augmentation: training-time augmentation of the side view (FPT) or of the high-resolution view
+            (the baselines, which train through the LPM).
         val_fraction, test_fraction: shares moved out of train when a split is missing.
     """
 
@@ -478,8 +479,7 @@ def _test_checkpoints(
     samples = run.dataset.splits["test"]
     (run.directory / "predictions").mkdir(exist_ok=True)
     for name in CHECKPOINTS:
-        weights = load_file(checkpoint_dir(run.directory, name) / WEIGHTS_NAME, device=str(device))
-        model.load_state_dict(weights, strict=False)
+        model.load_trainable_weights(checkpoint_dir(run.directory, name) / WEIGHTS_NAME)
         labels, probabilities, loss = predict_loader(model, loader, device, run.training.precision)
         results[name] = {**classification_metrics(labels, probabilities), "loss": loss}
         with (run.directory / "predictions" / f"test_{name}.csv").open("w", newline="") as handle:
@@ -555,7 +555,7 @@ def _load_training_state(
     scaler: torch.amp.GradScaler,
 ) -> dict[str, Any]:
     directory = checkpoint_dir(run_dir, "last")
-    model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=False)
+    model.load_trainable_weights(directory / WEIGHTS_NAME)
     state = json.loads((directory / "state.json").read_text())
     tensors = load_file(directory / "optimizer.safetensors")
     optimizer_state: dict[int, dict[str, Tensor]] = {}

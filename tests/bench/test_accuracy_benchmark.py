@@ -105,14 +105,14 @@ def test_full_fine_tuning_is_metered_for_the_ratios_though_not_trained(
 
     assert "full" not in result["methods"] and not (out / "runs" / "full").exists()
     assert (memory["input_size"], memory["batch_size"], memory["num_classes"], memory["device"]) == (64, 4, 3, "cpu")
-    full_params = full_fine_tuning_params(backbone, 3)
+    full_params = full_fine_tuning_params(backbone, 3, LPM_INPUT_SIZE)
     assert memory["full_fine_tuning_params"] == full_params
     full_peak = result["setting"]["full_fine_tuning_peak_bytes"]
     assert isinstance(full_peak, int) and full_peak > 0
     for method, row in result["methods"].items():
         learnable = training_step(method, backbone, LPM_INPUT_SIZE, BATCH_SIZE, num_classes=3).learnable_params
         assert row["learnable_params"] == learnable
-        assert row["learnable_ratio"] == learnable / full_params
+        assert row["param_ratio"] == learnable / full_params
         assert row["peak_meter"] == "measured"  # full was measured too: both peaks on the same meter
         assert row["memory_ratio"] == row["peak_bytes"] / full_peak
         assert 0 < row["memory_ratio"] < 1
@@ -122,7 +122,7 @@ def test_full_fine_tuning_is_metered_for_the_ratios_though_not_trained(
 def test_ppe_and_pme_are_the_efficiency_scores_of_the_auc(bench: tuple[Path, dict], method: str) -> None:
     row = bench[1]["methods"][method]
     assert row["auc"] is not None
-    assert row["ppe"] == efficiency_score(row["auc"], row["learnable_ratio"])
+    assert row["ppe"] == efficiency_score(row["auc"], row["param_ratio"])
     assert row["pme"] == efficiency_score(row["auc"], row["memory_ratio"])
     assert row["pme"] < row["ppe"] <= row["auc"]  # a few percent of the parameters, a larger share of the memory
 
@@ -135,7 +135,7 @@ def test_markdown_row_shows_the_numbers_of_the_result(bench: tuple[Path, dict]) 
     assert lines[2].startswith("| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME |")
     assert lines[4] == (
         f"| linear | {row['auc']:.3f} | {row['accuracy']:.3f} | {row['kappa']:.3f} | 195 | "
-        f"{100 * row['learnable_ratio']:.2f} % | {row['peak_bytes'] / MiB:,.1f} MiB (measured) | "
+        f"{100 * row['param_ratio']:.2f} % | {row['peak_bytes'] / MiB:,.1f} MiB (measured) | "
         f"{100 * row['memory_ratio']:.2f} % | {row['ppe']:.3f} | {row['pme']:.3f} | {row['train_seconds']:.0f} s |"
     )
     assert [line.split(" | ")[0] for line in lines[4:]] == [f"| {m}" for m in METHODS]
@@ -147,7 +147,7 @@ def test_format_accuracy_table_by_hand() -> None:
         "accuracy": 0.5,
         "kappa": 0.25,
         "learnable_params": 1234567,
-        "learnable_ratio": 0.0123,
+        "param_ratio": 0.0123,
         "peak_bytes": 3 * MiB,
         "peak_meter": "simulated",
         "memory_ratio": None,
@@ -165,7 +165,8 @@ def test_format_accuracy_table_by_hand() -> None:
 
     lines = format_accuracy_table({"setting": setting, "methods": {"lora": row}}).splitlines()
 
-    assert lines[0] == "vit at 512 px on /data; 20 epochs, lr 0.0001, batch 16, seed 0; memory: cpu (m), torch 2"
+    header = "vit at 512 px on /data; 20 epochs, lr 0.0001, batch 16, seed 0; memory: one float32 step on cpu (m)"
+    assert lines[0] == header + ", torch 2"
     assert (
         lines[4] == "| lora | n/a | 0.500 | 0.250 | 1,234,567 | 1.23 % | 3.0 MiB (simulated) | n/a | n/a | n/a | 62 s |"
     )
@@ -212,9 +213,9 @@ def test_interrupted_run_is_resumed_and_matches_an_uninterrupted_one(
     resumed: list[Path] = []
     real_resume = accuracy_benchmark.resume
 
-    def observed_resume(directory: Path, **kwargs: Any) -> dict[str, Any]:
+    def observed_resume(directory: Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
         resumed.append(directory)
-        return real_resume(directory, **kwargs)
+        return real_resume(directory, *args, **kwargs)
 
     def must_not_train(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("an interrupted run was started again instead of resumed")
@@ -265,7 +266,7 @@ def test_cli_trains_meters_and_prints_the_table(
     assert printed[0] == f"[1/1] linear -> {out / 'runs' / 'linear'}"
     table = (out / "accuracy.md").read_text().splitlines()
     assert printed[-len(table) - 1 : -1] == table
-    assert printed[-1] == f"wrote {out / 'accuracy.md'} and the runs in {out / 'runs'}"
+    assert printed[-1] == f"wrote {out / 'accuracy.md'}, {out / 'accuracy.json'} and the runs in {out / 'runs'}"
     assert list(result["methods"]) == ["linear"]
     row = result["methods"]["linear"]
     assert row["auc"] == read_json(out / "runs" / "linear" / "results.json")["best"]["auc"]
@@ -290,4 +291,22 @@ def test_an_empty_method_list_is_refused(tmp_path: Path, image_data: Path, tiny_
     with pytest.raises(FPTError, match="at least one method"):
         benchmark_accuracy(
             image_data, tmp_path, [], BackboneSpec(str(tiny_lpm_dir)), 64, benchmark_training(tmp_path / "c")
+        )
+
+
+def test_runs_trained_on_other_data_are_not_reused(
+    tmp_path: Path, bench: tuple[Path, dict], image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    out, _ = bench
+    shutil.copytree(out, tmp_path / "out")
+    other_data = tmp_path / "other-data"
+    shutil.copytree(image_data, other_data)
+    with pytest.raises(FPTError, match=r"runs/linear was trained on .*, not .*other-data; choose another --out"):
+        benchmark_accuracy(
+            other_data,
+            tmp_path / "out",
+            METHODS,
+            BackboneSpec(str(tiny_lpm_dir)),
+            LPM_INPUT_SIZE,
+            benchmark_training(tmp_path / "cache"),
         )

@@ -81,16 +81,16 @@ def test_learnable_parameters_and_ratio_come_from_the_methods_training_step(
     expected = training_step(method, PATCH16, INPUT_SIZE, BATCH_SIZE, NUM_CLASSES).learnable_params
     assert row["method"] == method
     assert row["learnable_params"] == expected
-    assert row["learnable_ratio"] == expected / full_fine_tuning_params(PATCH16, NUM_CLASSES)
+    assert row["param_ratio"] == expected / full_fine_tuning_params(PATCH16, NUM_CLASSES, INPUT_SIZE)
 
 
 def test_full_fine_tuning_has_both_ratios_one_and_the_others_learn_less(tiny_result: dict[str, Any]) -> None:
     rows = tiny_result["methods"]
-    assert rows["full"]["learnable_ratio"] == 1.0
+    assert rows["full"]["param_ratio"] == 1.0
     assert rows["full"]["memory_ratio"] == 1.0
     assert rows["linear"]["learnable_params"] == 64 * NUM_CLASSES + NUM_CLASSES  # the new head only
     for method in METHODS[1:]:
-        assert 0 < rows[method]["learnable_ratio"] < 0.1
+        assert 0 < rows[method]["param_ratio"] < 0.1
         assert 0 < rows[method]["memory_ratio"] < 1.0
     # cached keys/values replace the LPM's forward pass: the step without the cache needs more
     assert rows["fpt+/no-cache"]["learnable_params"] == rows["fpt+"]["learnable_params"]
@@ -208,7 +208,7 @@ def test_without_full_fine_tuning_there_are_no_memory_ratios() -> None:
     result = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["linear"], ["simulated"], num_classes=3, progress=False)
     row = result["methods"]["linear"]
     assert row["memory_ratio"] is None
-    assert row["learnable_ratio"] == row["learnable_params"] / TINY_FULL_PARAMS  # r needs no full run
+    assert row["param_ratio"] == row["learnable_params"] / TINY_FULL_PARAMS  # r needs no full run
     assert "| 0.08 % |" in format_memory_table(result) and "| n/a |" in format_memory_table(result)
 
 
@@ -248,17 +248,17 @@ def test_format_memory_table_lists_every_method_with_its_numbers(tiny_result: di
 
 def test_full_fine_tuning_params_counts_the_whole_lpm_and_head_on_the_vit_b_geometry() -> None:
     # ViT-B/16 at 384 px: 768 wide, 12 blocks, 24 x 24 + 1 tokens; 86,094,341 with a 5-class head
-    assert full_fine_tuning_params(BackboneSpec("vit_base_patch16_384"), 5) == vit_params(768, 12, 16, 577, 5)
+    assert full_fine_tuning_params(BackboneSpec("vit_base_patch16_384"), 5, 512) == vit_params(768, 12, 16, 577, 5)
     assert vit_params(768, 12, 16, 577, 5) == 86_094_341
 
 
-def test_learnable_ratio_on_the_vit_b_geometry_from_the_simulated_meter() -> None:
+def test_param_ratio_on_the_vit_b_geometry_from_the_simulated_meter() -> None:
     backbone = BackboneSpec("vit_base_patch16_384")
     result = benchmark_memory(backbone, 512, 16, ["fpt+"], ["simulated"], progress=False)
     row = result["methods"]["fpt+"]
     assert result["setting"]["full_fine_tuning_params"] == 86_094_341
-    assert row["learnable_ratio"] == row["learnable_params"] / 86_094_341
-    assert 0.005 < row["learnable_ratio"] < 0.02  # about 1 % of full fine-tuning's parameters
+    assert row["param_ratio"] == row["learnable_params"] / 86_094_341
+    assert 0.005 < row["param_ratio"] < 0.02  # about 1 % of full fine-tuning's parameters
     assert row["peak_meter"] == "simulated" and row["peak_bytes"] > row["baseline_bytes"] > 0
 
 
@@ -449,3 +449,14 @@ def test_cli_refuses_unknown_methods_and_meters_with_usage_error(
     err = capsys.readouterr().err
     assert err.startswith("usage: fpt bench memory")
     assert message in err
+
+
+def test_measured_meter_runs_where_free_memory_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_benchmark, "free_memory_bytes", lambda device: None)  # e.g. Windows
+    row = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["linear"], progress=False)["methods"]["linear"]
+    assert row["peak_meter"] == "measured" and row["note"] is None
+
+
+def test_measured_meter_refuses_devices_whose_memory_it_cannot_read() -> None:
+    with pytest.raises(FPTError, match="reads CPU or CUDA memory, not meta"):
+        benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["linear"], device="meta", progress=False)

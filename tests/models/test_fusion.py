@@ -207,3 +207,13 @@ def test_cross_attention_never_holds_a_whole_float32_copy_of_the_cache() -> None
         memory = meter(queries, loss, [keys, values])
         cache_bytes = keys.nbytes + values.nbytes  # a float32 copy would be twice this
         assert memory.peak_bytes - memory.baseline_bytes < cache_bytes
+
+
+def test_cross_attention_gives_no_silently_wrong_second_derivative() -> None:
+    queries = torch.randn(LAYERS, HEADS, PROMPTS, HEAD_DIM, dtype=torch.float64, requires_grad=True)
+    keys, values = lpm_keys_values()
+    (gradient,) = torch.autograd.grad(
+        PromptCrossAttention.apply(queries, keys, values).sum(), queries, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gradient.sum().backward()

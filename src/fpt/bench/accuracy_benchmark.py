@@ -21,11 +21,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fpt.bench.memory_benchmark import MiB, benchmark_memory
 from fpt.bench.steps import NO_CACHE, STEP_METHODS
 from fpt.config import METHOD_CONFIGS, MethodConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec
+from fpt.runtime import select_device
 from fpt.train import METRICS_FILE, RESULTS_FILE, RUN_FILE, Run, TrainingConfig, resume, train
 
 RESULTS_JSON = "accuracy.json"
@@ -63,24 +66,26 @@ def benchmark_accuracy(
         )
         method_training = replace(training, cache_dir=_method_cache(training.cache_dir, method))
         if (run_dir / RUN_FILE).is_file():
-            _check_same_settings(run_dir, config, method_training)
+            _check_same_settings(run_dir, data, config, method_training)
         if (run_dir / RESULTS_FILE).is_file():
             results = json.loads((run_dir / RESULTS_FILE).read_text())
         elif (run_dir / RUN_FILE).is_file():
-            results = resume(run_dir, progress=progress)
+            results = resume(run_dir, training.device, training.num_workers, progress=progress)
         else:
             results = train(data, run_dir, config, method_training, progress=progress)
         outcomes[method] = {**results, "train_seconds": _training_seconds(run_dir)}
 
     num_classes = len(next(iter(outcomes.values()))["classes"])
     metered = list(methods) if "full" in methods else ["full", *methods]
+    # one float32 step with the training's cache dtype, metered on CUDA if training ran there, else on the CPU
     memory = benchmark_memory(
         backbone,
         lpm_input_size,
         training.batch_size,
         metered,
-        device=training.device,
+        device="cuda" if select_device(training.device).type == "cuda" else "cpu",
         num_classes=num_classes,
+        cache_dtype=getattr(torch, training.cache_dtype),
         progress=progress,
     )
     rows = {}
@@ -93,11 +98,11 @@ def benchmark_accuracy(
             "kappa": best["kappa"],
             "best_epoch": outcome["best_epoch"],
             "learnable_params": cost["learnable_params"],
-            "learnable_ratio": cost["learnable_ratio"],
+            "param_ratio": cost["param_ratio"],
             "peak_bytes": cost["peak_bytes"],
             "peak_meter": cost["peak_meter"],
             "memory_ratio": cost["memory_ratio"],
-            "ppe": efficiency_score(auc, cost["learnable_ratio"]) if auc is not None else None,
+            "ppe": efficiency_score(auc, cost["param_ratio"]) if auc is not None else None,
             "pme": efficiency_score(auc, cost["memory_ratio"]) if auc is not None else None,
             "train_seconds": outcome["train_seconds"],
         }
@@ -124,7 +129,8 @@ def format_accuracy_table(result: dict[str, Any]) -> str:
     lines = [
         f"{setting['backbone']['name']} at {setting['lpm_input_size']} px on {setting['data']}; "
         f"{training['epochs']} epochs, lr {training['lr']}, batch {training['batch_size']}, seed {training['seed']}; "
-        f"memory: {setting['memory']['device']} ({setting['memory']['machine']}), torch {setting['memory']['torch']}",
+        f"memory: one float32 step on {setting['memory']['device']} ({setting['memory']['machine']}), "
+        f"torch {setting['memory']['torch']}",
         "",
         "| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME | train time |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -132,7 +138,7 @@ def format_accuracy_table(result: dict[str, Any]) -> str:
     for name, row in result["methods"].items():
         lines.append(
             f"| {name} | {_fixed(row['auc'])} | {_fixed(row['accuracy'])} | {_fixed(row['kappa'])} | "
-            f"{row['learnable_params']:,} | {100 * row['learnable_ratio']:.2f} % | "
+            f"{row['learnable_params']:,} | {100 * row['param_ratio']:.2f} % | "
             f"{row['peak_bytes'] / MiB:,.1f} MiB ({row['peak_meter']}) | {_percent(row['memory_ratio'])} | "
             f"{_fixed(row['ppe'])} | {_fixed(row['pme'])} | {row['train_seconds']:.0f} s |"
         )
@@ -146,9 +152,11 @@ def _method_cache(cache_dir: str | None, method: str) -> str | None:
     return str(Path(cache_dir) / method)
 
 
-def _check_same_settings(run_dir: Path, config: MethodConfig, training: TrainingConfig) -> None:
+def _check_same_settings(run_dir: Path, data: str | Path, config: MethodConfig, training: TrainingConfig) -> None:
     """Refuse to reuse or resume a run trained otherwise than asked (where it ran and cached may differ)."""
     run = Run.load(run_dir)
+    if run.data_source != str(Path(data).resolve()):
+        raise FPTError(f"{run_dir} was trained on {run.data_source}, not {data}; choose another --out")
     recorded, wanted = asdict(run.training), asdict(training)
     where = ("device", "num_workers", "cache_dir")
     differs = [name for name in wanted if name not in where and recorded[name] != wanted[name]]

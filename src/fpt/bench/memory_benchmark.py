@@ -4,12 +4,14 @@ Every method's step comes from ``fpt.bench.steps.training_step`` (random weights
 on their values) and is metered by both meters of ``fpt.bench.memory``. The simulated meter runs first;
 the measured one is skipped, with a note, when the simulated peak would not fit in the device's free
 memory. Ratios are to full fine-tuning on the same meter: r for learnable parameters (the LPM with the
-task's head), m for peak memory.
+task's head), m for peak memory. The measured meter runs on CPU or CUDA; the simulated one traces CPU
+kernels whatever the device.
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import platform
 from collections.abc import Sequence
@@ -41,7 +43,7 @@ class MethodMemory:
 
     method: str
     learnable_params: int
-    learnable_ratio: float  # r: learnable / full fine-tuning's learnable
+    param_ratio: float  # r: learnable / full fine-tuning's learnable
     peak_bytes: int | None
     peak_meter: str | None
     measured_peak_bytes: int | None
@@ -60,36 +62,42 @@ def benchmark_memory(
     meters: Sequence[str] = METERS,
     device: str = "cpu",
     num_classes: int = 5,
+    cache_dtype: torch.dtype = torch.float16,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Meter one training step of every method; returns ``{"setting": {...}, "methods": {NAME: {...}}}``."""
+    """Meter one training step of every method; returns ``{"setting": {...}, "methods": {NAME: {...}}}``.
+
+    ``cache_dtype`` is the dtype of FPT's cached keys/values; every step runs in float32.
+    """
     unknown = [m for m in methods if m not in STEP_METHODS]
     if unknown:
         raise FPTError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(STEP_METHODS)}")
     if not meters or any(m not in METERS for m in meters):
         raise FPTError(f"meters must be among {', '.join(METERS)}")
     target = select_device(device)
-    full_learnable = full_fine_tuning_params(backbone, num_classes)
+    if "measured" in meters and target.type not in ("cpu", "cuda"):
+        raise FPTError(f"the measured meter reads CPU or CUDA memory, not {target.type}; use --device cpu or cuda")
+    full_learnable = full_fine_tuning_params(backbone, num_classes, input_size)
     rows = []
     for method in progress_bar(methods, enabled=progress, desc="memory", unit="method"):
-        step = training_step(method, backbone, input_size, batch_size, num_classes)
+        step = training_step(method, backbone, input_size, batch_size, num_classes, cache_dtype)
         simulated = simulate_training_step(step.model, step.loss, step.inputs) if "simulated" in meters else None
         measured, note = None, None
         if "measured" in meters:
             needed = simulated.peak_bytes if simulated else None
             free = free_memory_bytes(target)
-            if needed is not None and needed > FITS_FRACTION * free:
+            if needed is not None and free is not None and needed > FITS_FRACTION * free:
                 note = f"measured skipped: needs {_readable(needed)}, {_readable(free)} free on {target}"
             else:
                 step.model.to(target)
-                inputs = [tensor.to(target) for tensor in step.inputs]
-                measured = measure_training_step(step.model, step.loss, inputs)
+                step.inputs = [tensor.to(target) for tensor in step.inputs]
+                measured = measure_training_step(step.model, step.loss, step.inputs)
         chosen = measured or simulated
         rows.append(
             MethodMemory(
                 method=method,
                 learnable_params=step.learnable_params,
-                learnable_ratio=step.learnable_params / full_learnable,
+                param_ratio=step.learnable_params / full_learnable,
                 peak_bytes=chosen.peak_bytes if chosen else None,
                 peak_meter=("measured" if measured else "simulated") if chosen else None,
                 measured_peak_bytes=measured.peak_bytes if measured else None,
@@ -107,6 +115,7 @@ def benchmark_memory(
             "input_size": input_size,
             "batch_size": batch_size,
             "num_classes": num_classes,
+            "cache_dtype": str(cache_dtype).removeprefix("torch."),
             "device": str(target),
             "machine": machine_description(target),
             "torch": torch.__version__,
@@ -128,16 +137,19 @@ def _add_memory_ratios(rows: list[MethodMemory]) -> None:
                 break
 
 
-def full_fine_tuning_params(backbone: BackboneSpec, num_classes: int) -> int:
+def full_fine_tuning_params(backbone: BackboneSpec, num_classes: int, input_size: int) -> int:
     """Learnable parameters of full fine-tuning: the whole LPM with a ``num_classes`` head (counted on meta)."""
     with torch.device("meta"):
-        config = FullFineTuningConfig(backbone=backbone, num_classes=num_classes)
+        config = FullFineTuningConfig(backbone=backbone, num_classes=num_classes, lpm_input_size=input_size)
         return build_model(config, pretrained_lpm=False).num_learnable_params()
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory a step could still use on ``device``: free CUDA memory, else the host's available memory."""
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a step could still use on ``device`` (free CUDA memory, else the host's available memory), or
+    None where the system does not say."""
     if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # memory cached by earlier steps is free for this one
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as handle:
@@ -146,7 +158,10 @@ def free_memory_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name (macOS)
+        return None
 
 
 def machine_description(device: torch.device) -> str:
@@ -175,7 +190,7 @@ def format_memory_table(result: dict[str, Any]) -> str:
         ratio = f"{100 * row['memory_ratio']:.2f} %" if row["memory_ratio"] is not None else "n/a"
         seconds = f"{row['step_seconds']:.2f}" if row["step_seconds"] is not None else "n/a"
         lines.append(
-            f"| {name} | {row['learnable_params']:,} | {100 * row['learnable_ratio']:.2f} % | {measured} | "
+            f"| {name} | {row['learnable_params']:,} | {100 * row['param_ratio']:.2f} % | {measured} | "
             f"{simulated} | {ratio} | {seconds} |"
         )
     return "\n".join(lines + (["", *notes] if notes else []))

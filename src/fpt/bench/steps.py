@@ -67,13 +67,15 @@ def training_step(
     model = build_model(config, load_lpm=runs_lpm_forward, pretrained_lpm=False).train()
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-    lpm_images = torch.randn(batch_size, 3, input_size, input_size, generator=generator)
+
+    def images(size: int) -> Tensor:
+        return torch.randn(batch_size, 3, size, size, generator=generator)
+
     if not isinstance(model, FPTModel):
-        return TrainingStep(method, model, [lpm_images, labels])
-    side = config.side_input_size
-    side_images = torch.randn(batch_size, 3, side, side, generator=generator)
+        return TrainingStep(method, model, [images(input_size), labels])
+    side_images = images(config.side_input_size)
     if runs_lpm_forward:
-        return TrainingStep(method, model, [lpm_images, side_images, labels], runs_lpm_forward=True)
+        return TrainingStep(method, model, [images(input_size), side_images, labels], runs_lpm_forward=True)
     if not config.uses_lpm:
         return TrainingStep(method, model, [side_images, labels])
     geometry = model.geometry

@@ -102,9 +102,9 @@ class BaselineViT(TransferModel):
             self.prompt_dropout = nn.Dropout(config.prompt_dropout)
 
     @classmethod
-    def from_config(cls, config: MethodConfig, pretrained: bool = True) -> BaselineViT:
-        """The baseline of ``config``, with the LPM's pre-trained weights unless ``pretrained`` is False."""
-        return cls(config, load_backbone(config.backbone, pretrained=pretrained))
+    def from_config(cls, config: MethodConfig, pretrained_lpm: bool = True) -> BaselineViT:
+        """The baseline of ``config``, with the LPM's pre-trained weights unless ``pretrained_lpm`` is False."""
+        return cls(config, load_backbone(config.backbone, pretrained=pretrained_lpm))
 
     def forward(self, images: Tensor) -> Tensor:
         """High-resolution images [B, C, S, S] -> logits [B, num_classes]."""
@@ -120,7 +120,7 @@ class BaselineViT(TransferModel):
         prefix, num_prompts = vit.num_prefix_tokens, self.prompts.shape[1]
         patches = x[:, prefix:]
         for block, prompts in zip(vit.blocks, self.prompts, strict=True):
-            prompts = self.prompt_dropout(prompts).expand(x.shape[0], -1, -1)
+            prompts = self.prompt_dropout(prompts.expand(x.shape[0], -1, -1))  # a mask per image
             x = block(torch.cat([x[:, :prefix], prompts, patches], dim=1))
             patches = x[:, prefix + num_prompts :]
         return torch.cat([x[:, :prefix], patches], dim=1)

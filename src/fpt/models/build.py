@@ -19,7 +19,7 @@ def build_model(config: MethodConfig, load_lpm: bool = True, pretrained_lpm: boo
         pretrained_lpm: load the LPM's pre-trained weights; False keeps a random init (for counting).
     """
     if config.method in BASELINE_METHODS:
-        return BaselineViT.from_config(config, pretrained=pretrained_lpm)
+        return BaselineViT.from_config(config, pretrained_lpm=pretrained_lpm)
     return FPTModel.from_config(config, load_lpm=load_lpm, pretrained_lpm=pretrained_lpm)
 
 

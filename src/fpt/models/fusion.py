@@ -8,11 +8,12 @@ Shapes: L tapped layers, M prompts, d the LPM width, H its heads, d_side the sid
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fpt.errors import FPTError
 
@@ -50,8 +51,8 @@ class PromptFusion(nn.Module, ABC):
 
     def cross_attention(self, keys: Tensor, values: Tensor) -> Tensor:
         """C [B, L, M, d] (float32) from keys/values [B, L, H, T, d_head] (any float dtype, e.g. a float16 cache)."""
-        num_layers, num_prompts, dim = self.prompts.shape[0], self.prompts.shape[1], keys.shape[2] * keys.shape[-1]
-        queries = self.queries().view(num_layers, num_prompts, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        num_layers, num_prompts, head_dim = self.prompts.shape[0], self.prompts.shape[1], keys.shape[-1]
+        queries = self.queries().view(num_layers, num_prompts, self.num_heads, head_dim).transpose(1, 2)
         return PromptCrossAttention.apply(queries, keys, values)
 
     def attention_weights(self, keys: Tensor) -> Tensor:
@@ -129,7 +130,7 @@ class PromptCrossAttention(torch.autograd.Function):
         batch, num_layers, num_heads, _, head_dim = keys.shape
         num_prompts = queries.shape[2]
         dtype = torch.promote_types(queries.dtype, torch.float32)
-        with torch.autocast(keys.device.type, enabled=False):
+        with _without_autocast(keys.device):
             scaled = queries.to(dtype) * head_dim**-0.5
             output = keys.new_empty((batch, num_layers, num_prompts, num_heads, head_dim), dtype=dtype)
             log_sum_exp = keys.new_empty((batch, num_layers, num_heads, num_prompts), dtype=dtype)
@@ -142,14 +143,15 @@ class PromptCrossAttention(torch.autograd.Function):
         return output.flatten(3)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor, None, None]:
         queries, keys, values, log_sum_exp = ctx.saved_tensors
         batch, num_layers, num_heads, _, head_dim = keys.shape
         num_prompts = queries.shape[2]
         scale, dtype = head_dim**-0.5, log_sum_exp.dtype
-        with torch.autocast(keys.device.type, enabled=False):
+        with _without_autocast(keys.device):
             scaled = queries.to(dtype) * scale
-            grad_output = grad_output.to(dtype).view(batch, num_layers, num_prompts, num_heads, head_dim)
+            grad_output = grad_output.to(dtype).reshape(batch, num_layers, num_prompts, num_heads, head_dim)
             grad_queries = torch.empty(queries.shape, dtype=dtype, device=queries.device)
             for layer in range(num_layers):
                 layer_keys = keys[:, layer].to(dtype)
@@ -160,3 +162,8 @@ class PromptCrossAttention(torch.autograd.Function):
                 )
                 grad_queries[layer] = (grad_scores @ layer_keys).sum(dim=0) * scale
         return grad_queries.to(queries.dtype), None, None
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on CUDA, the only device where training turns it on (older torch rejects the others)."""
+    return torch.autocast("cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()

@@ -22,8 +22,8 @@ SIDE_LAYER_NORM_EPS = 1e-12
 class RecomputedActivationMlp(Mlp):
     """timm's Mlp whose activation output [B, N, hidden] is recomputed in backward instead of kept.
 
-    It is the largest activation of a side block, and GELU is cheap to recompute; weights and results are
-    those of ``Mlp``.
+    It is the largest activation of a side block. The price is one more GELU and ``fc2`` forward per block
+    in backward, small for the side network; weights and results are those of ``Mlp``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
