@@ -227,7 +227,8 @@ def plot_memory(result: dict[str, Any], path: str | Path) -> Path:
     axis.set_xscale("log")
     axis.invert_yaxis()
     axis.set_xlabel("peak training-step memory (MiB, log scale)")
-    axis.set_title(f"{setting['backbone']['name']}, {setting['input_size']} px, batch {setting['batch_size']}")
+    axis.set_title(f"{_backbone_label(setting)}, {setting['input_size']} px, batch {setting['batch_size']}")
+    axis.set_xlim(right=max(peaks) * 3)  # room for the labels
     for y, peak in enumerate(peaks):
         axis.text(peak, y, f" {peak:,.0f}", va="center", fontsize=8)
     return _save(figure, path)
@@ -249,10 +250,16 @@ def plot_sweep(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     axis.set_xticks([r["setting"]["input_size"] for r in results], [str(r["setting"]["input_size"]) for r in results])
     axis.set_xlabel("LPM input size (px)")
     axis.set_ylabel("peak training-step memory (MiB)")
-    axis.set_title(f"{setting['backbone']['name']}, batch {setting['batch_size']}")
+    axis.set_title(f"{_backbone_label(setting)}, batch {setting['batch_size']}")
     axis.legend(fontsize=8)
     axis.grid(True, which="both", alpha=0.3)
     return _save(figure, path)
+
+
+def _backbone_label(setting: dict[str, Any]) -> str:
+    """The backbone's name, or the folder name of a local checkpoint directory."""
+    name = setting["backbone"]["name"]
+    return Path(name).name if Path(name).is_absolute() else name
 
 
 def _save(figure: Any, path: str | Path) -> Path:
