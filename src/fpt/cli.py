@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--device", default="cpu", help="device of the measured meter (default: cpu)")
     memory.add_argument("--num-classes", type=int, default=5, metavar="K", help="classes of the head (default: 5)")
     memory.add_argument(
+        "--cache-dtype",
+        choices=tuple(CACHE_DTYPES),
+        default="float16",
+        help="dtype of FPT's cached keys/values (default: float16)",
+    )
+    memory.add_argument(
         "--sweep-input-size",
         type=_int_list,
         metavar="S,S,...",
@@ -499,6 +505,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_bench_memory(args: argparse.Namespace) -> int:
+    import torch
+
     from fpt.bench.memory_benchmark import (
         benchmark_memory,
         format_memory_table,
@@ -516,7 +524,15 @@ def _run_bench_memory(args: argparse.Namespace) -> int:
             print(f"input size {size} px")
         results.append(
             benchmark_memory(
-                backbone, size, args.batch_size, args.methods, args.meters, args.device, args.num_classes, progress
+                backbone,
+                size,
+                args.batch_size,
+                args.methods,
+                meters=args.meters,
+                device=args.device,
+                num_classes=args.num_classes,
+                cache_dtype=getattr(torch, args.cache_dtype),
+                progress=progress,
             )
         )
     out = Path(args.out)

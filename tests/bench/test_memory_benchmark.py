@@ -460,3 +460,21 @@ def test_measured_meter_runs_where_free_memory_is_unknown(monkeypatch: pytest.Mo
 def test_measured_meter_refuses_devices_whose_memory_it_cannot_read() -> None:
     with pytest.raises(FPTError, match="reads CPU or CUDA memory, not meta"):
         benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["linear"], device="meta", progress=False)
+
+
+def test_cache_dtype_sizes_fpts_cached_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["bench", "memory", "--input-size", str(INPUT_SIZE), "--batch-size", str(BATCH_SIZE), "--json"]
+    base += ["--methods", "fpt+", "--meters", "simulated"]
+    results = {}
+    for dtype in ("float16", "float32"):
+        assert main([*base, "--cache-dtype", dtype]) == 0
+        results[dtype] = json.loads(capsys.readouterr().out)
+    assert results["float16"]["setting"]["cache_dtype"] == "float16"
+    half, full = (results[d]["methods"]["fpt+"]["baseline_bytes"] for d in ("float16", "float32"))
+    geometry = training_step("fpt+", BackboneSpec("vit_base_patch16_384"), INPUT_SIZE, BATCH_SIZE).inputs[1]
+    assert full - half == 2 * geometry.numel() * 2  # keys and values, 4 instead of 2 bytes per element
+
+
+def test_cache_dtype_must_be_a_floating_dtype() -> None:
+    with pytest.raises(FPTError, match=r"cache_dtype must be a floating torch\.dtype"):
+        benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["fpt+"], ["simulated"], cache_dtype=False)

@@ -63,6 +63,7 @@ def benchmark_memory(
     device: str = "cpu",
     num_classes: int = 5,
     cache_dtype: torch.dtype = torch.float16,
+    *,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Meter one training step of every method; returns ``{"setting": {...}, "methods": {NAME: {...}}}``.
@@ -74,6 +75,8 @@ def benchmark_memory(
         raise FPTError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(STEP_METHODS)}")
     if not meters or any(m not in METERS for m in meters):
         raise FPTError(f"meters must be among {', '.join(METERS)}")
+    if not isinstance(cache_dtype, torch.dtype) or not cache_dtype.is_floating_point:
+        raise FPTError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
     target = select_device(device)
     if "measured" in meters and target.type not in ("cpu", "cuda"):
         raise FPTError(f"the measured meter reads CPU or CUDA memory, not {target.type}; use --device cpu or cuda")
