@@ -16,8 +16,12 @@ fpt bench memory --backbone vit_base_patch16_384 --batch-size 16 --sweep-input-s
     --meters simulated --out "$OUT" | tee "$OUT/memory_sweep.md"
 
 # 3. Accuracy on the demo data (the demo's 460 synthetic fundus images) with the demo's LPM, identical
-#    settings for every method (about 90 min on 2 CPU cores, most of it full fine-tuning).
+#    settings for every method (about 75 min on 2 CPU cores).
 fpt synth "$OUT/demo_data"
 fpt bench accuracy "$OUT/demo_data" --backbone demo --input-size 512 --epochs 8 --lr 1e-3 --warmup-epochs 1 \
     --batch-size 16 --methods full,linear,vpt-deep,lora,adapter,side-only,fpt,fpt+ --out "$OUT/accuracy" \
     --cache "$OUT/cache"
+
+# 4. The same for full fine-tuning and FPT+ at lr 1e-4 (lr 1e-3 is too high for full fine-tuning).
+fpt bench accuracy "$OUT/demo_data" --backbone demo --input-size 512 --epochs 8 --lr 1e-4 --warmup-epochs 1 \
+    --batch-size 16 --methods full,fpt+ --out "$OUT/accuracy_lr1e-4" --cache "$OUT/cache"
