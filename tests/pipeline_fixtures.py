@@ -27,13 +27,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 import fpt.train
-from fpt.config import FPTPlusConfig
+from fpt.config import FPTPlusConfig, TrainingConfig
 from fpt.data.datasets import ImageDataset
 from fpt.data.images import load_image
 from fpt.data.transforms import Normalization, lpm_view
 from fpt.models.backbone import BackboneSpec
 from fpt.models.fpt import FPTModel
-from fpt.train import TrainingConfig, train
+from fpt.preload import PreloadSummary, preload
+from fpt.train import train
 from tests.conftest import randomize_
 
 LPM_ARCH = "vit_tiny_patch16_224"
@@ -98,6 +99,22 @@ def fast_training(cache_dir: Path | None, **overrides: Any) -> TrainingConfig:
     return TrainingConfig(**options)
 
 
+def preload_into(
+    model: FPTModel,
+    dataset: ImageDataset,
+    cache_dir: Path,
+    normalization: Normalization,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> PreloadSummary:
+    """``fpt.preload.preload`` into ``cache_dir`` with ``fast_training``'s settings, overridden by ``options``
+    (batch_size, num_workers, device, precision) and the cache ``dtype``."""
+    training = fast_training(cache_dir, cache_dtype=dtype, **options)
+    return preload(model, dataset, normalization, training, overwrite=overwrite, progress=progress)
+
+
 def cli_model_args(lpm_dir: Path) -> list[str]:
     """The CLI options of ``tiny_config``."""
     return [
@@ -147,7 +164,7 @@ def assert_features_equal(cached: tuple[Tensor, Tensor], expected: tuple[Tensor,
 
 def interrupt_at_epoch(monkeypatch: pytest.MonkeyPatch, epoch_index: int) -> None:
     """Make training raise KeyboardInterrupt (as Ctrl-C would) when epoch ``epoch_index`` (0-based) starts."""
-    train_epoch = fpt.train._train_epoch
+    train_epoch = fpt.train.Trainer.train_epoch
     signature = inspect.signature(train_epoch)
 
     def interrupted(*args: Any, **kwargs: Any) -> float:
@@ -155,7 +172,7 @@ def interrupt_at_epoch(monkeypatch: pytest.MonkeyPatch, epoch_index: int) -> Non
             raise KeyboardInterrupt
         return train_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(fpt.train, "_train_epoch", interrupted)
+    monkeypatch.setattr(fpt.train.Trainer, "train_epoch", interrupted)
 
 
 def metric_lines(run_dir: Path) -> list[dict[str, Any]]:

@@ -19,18 +19,20 @@ import pytest
 import torch
 
 import fpt.cache
-from fpt.cache import CACHE_DTYPES, CacheWriter, FeatureCache, preload, weights_digest
+from fpt.cache import CACHE_DTYPES, CacheWriter, FeatureCache
 from fpt.data.datasets import ImageDataset
 from fpt.data.transforms import Normalization
 from fpt.errors import FPTError
 from fpt.models.fpt import FPTModel
-from fpt.train import prepare
+from fpt.preload import PreloadSummary, weights_digest
+from fpt.task import prepare
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import (
     NUM_IMAGES,
     all_keys,
     assert_features_equal,
     fast_training,
+    preload_into,
     reference_features,
     tiny_config,
     write_image_folder,
@@ -52,9 +54,9 @@ def make_setup(data: Path, lpm_dir: Path, **config_overrides: Any) -> Setup:
     return Setup(*prepare(data, tiny_config(lpm_dir, **config_overrides), fast_training(None), progress=False))
 
 
-def run_preload(setup: Setup, cache_dir: Path, **options: Any) -> fpt.cache.PreloadSummary:
+def run_preload(setup: Setup, cache_dir: Path, **options: Any) -> PreloadSummary:
     options = {"batch_size": 8, "num_workers": 0, "device": "cpu", "progress": False, **options}
-    return preload(setup.model, setup.dataset, cache_dir, setup.normalization, **options)
+    return preload_into(setup.model, setup.dataset, cache_dir, setup.normalization, **options)
 
 
 def assert_cache_complete_and_correct(cache_dir: Path, setup: Setup, dtype: torch.dtype = torch.float16) -> None:
@@ -296,10 +298,9 @@ def test_truncated_index_line_and_orphan_shard_bytes_are_ignored_and_the_rerun_c
 KILLED_PRELOAD = textwrap.dedent(
     """
     import sys, time
-    from fpt.cache import preload
     from fpt.models.frozen_encoder import FrozenEncoder
-    from fpt.train import prepare
-    from tests.pipeline_fixtures import fast_training, tiny_config
+    from fpt.task import prepare
+    from tests.pipeline_fixtures import fast_training, preload_into, tiny_config
 
     data, lpm_dir, cache_dir = sys.argv[1:4]
     forward = FrozenEncoder.forward
@@ -310,7 +311,7 @@ KILLED_PRELOAD = textwrap.dedent(
 
     FrozenEncoder.forward = slow_forward
     dataset, model, normalization = prepare(data, tiny_config(lpm_dir), fast_training(None), progress=False)
-    preload(model, dataset, cache_dir, normalization, batch_size=1, num_workers=0, device="cpu", progress=False)
+    preload_into(model, dataset, cache_dir, normalization, batch_size=1, num_workers=0, device="cpu", progress=False)
     """
 )
 

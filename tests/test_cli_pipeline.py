@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import fpt.train
+import fpt.run
 from fpt.cache import FeatureCache
 from fpt.cli import main
-from fpt.report import TABLE_METRICS
+from fpt.render import TABLE_METRICS
 from tests.pipeline_fixtures import (
     CLASSES,
     NUM_IMAGES,
@@ -265,13 +265,13 @@ def test_errors_inside_dataloader_workers_are_still_one_line(
     (run / "run.json").write_text(json.dumps(record))
     (data / "test" / "b" / "img001.png").write_bytes(b"not a png")
     workers: list[int] = []
-    worker_count = fpt.train.worker_count
+    worker_count = fpt.run.worker_count
 
     def recorded_worker_count(requested: int | None) -> int:
         workers.append(worker_count(requested))
         return workers[-1]
 
-    monkeypatch.setattr(fpt.train, "worker_count", recorded_worker_count)
+    monkeypatch.setattr(fpt.run, "worker_count", recorded_worker_count)
 
     assert main(["evaluate", str(run), "--device", "cpu"]) == 1
 

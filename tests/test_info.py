@@ -7,8 +7,9 @@ import json
 import pytest
 
 from fpt.cli import main
-from fpt.config import FPTConfig, FPTPlusConfig
+from fpt.config import FPTConfig, FPTPlusConfig, SideOnlyConfig
 from fpt.info import format_model_info, model_info
+from fpt.models.build import build_model
 from fpt.models.fpt import FPTModel
 
 VIT_B_PARAMS = 86_859_496  # vit_base_patch16_384 with its 1000-class head
@@ -21,14 +22,14 @@ VIT_B_PARAMS = 86_859_496  # vit_base_patch16_384 with its 1000-class head
 def test_vit_b_counts_match_the_papers(config_class: type[FPTConfig], learnable: int, percent: str, layers) -> None:
     model = FPTModel.from_config(config_class(backbone="vit_base_patch16_384", num_classes=5), pretrained_lpm=False)
     info = model_info(model)
-    assert info["learnable_params"] == learnable
-    assert info["frozen_params"] == VIT_B_PARAMS
-    assert info["frozen_params_without_head"] == VIT_B_PARAMS - (768 * 1000 + 1000)
-    assert f"{100 * info['learnable_ratio']:.2f}" == percent
-    assert info["tapped_layers"] == layers
+    assert info.learnable_params == learnable
+    assert info.frozen_params == VIT_B_PARAMS
+    assert info.frozen_params_without_head == VIT_B_PARAMS - (768 * 1000 + 1000)
+    assert f"{100 * info.learnable_ratio:.2f}" == percent
+    assert info.tapped_layers == layers
     # 512 px: 1 + 32 * 32 tokens, 20 % kept per head; K and V of 12 heads x 64 dims per tapped layer
-    assert (info["lpm_tokens"], info["tokens_kept_per_layer"]) == (1025, 205)
-    assert info["cached_bytes_per_image"]["float16"] == 2 * len(layers) * 12 * 205 * 64 * 2
+    assert (info.lpm_tokens, info.tokens_kept_per_layer) == (1025, 205)
+    assert info.cached_bytes_per_image["float16"] == 2 * len(layers) * 12 * 205 * 64 * 2
     assert f"{learnable:,}" in format_model_info(info)
 
 
@@ -45,6 +46,22 @@ def test_cli_info_json(capsys: pytest.CaptureFixture[str], tiny_spec) -> None:
     assert info["learnable_ratio"] == pytest.approx(
         info["learnable_params"] / (info["learnable_params"] + info["frozen_params"])
     )
+
+
+def test_side_only_info_counts_its_side_network_and_no_frozen_lpm(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["info", "--backbone", "vit_base_patch16_384", "--method", "side-only", "--num-classes", "5"]
+    assert main([*args, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    fpt_plus = model_info(
+        build_model(FPTPlusConfig(backbone="vit_base_patch16_384", num_classes=5), pretrained_lpm=False)
+    )
+    side_params = sum(p.numel() for p in build_model(SideOnlyConfig("vit_base_patch16_384", 5)).parameters())
+    assert info["learnable_params"] == side_params < fpt_plus.learnable_params
+    assert (info["frozen_params"], info["learnable_ratio"]) == (0, 1.0)
+    assert (info["side_input_size"], info["side_width"], info["tapped_layers"]) == (128, 96, list(range(6, 12)))
+    assert "cached_bytes_per_image" not in info and "num_prompts" not in info
+    assert main(args) == 0
+    assert "128 px, width 96, no prompts" in capsys.readouterr().out
 
 
 def test_cli_user_errors_are_one_line_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:

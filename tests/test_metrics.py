@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from fpt.metrics import METRIC_NAMES, classification_metrics
+from fpt.config import METRIC_NAMES
+from fpt.metrics import classification_metrics
 
 
 def one_hot_probabilities(predictions: list[int], num_classes: int) -> np.ndarray:

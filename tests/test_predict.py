@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from fpt.errors import FPTError
+from fpt.evaluate import evaluate_run
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import LPMFeatures
 from fpt.predict import predict_images, prompt_attention_map
-from fpt.train import evaluate_run
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import (
     CLASSES,

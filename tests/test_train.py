@@ -14,14 +14,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
 
 import fpt.train
-from fpt.cache import CacheWriter, FeatureCache, preload
-from fpt.data.loaders import SampleViews
+from fpt.cache import CacheWriter, FeatureCache
+from fpt.data.loaders import SampleViews, collate
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
+from fpt.evaluate import evaluate_run
+from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import FrozenEncoder
-from fpt.train import evaluate_run, model_logits, prepare, resume, train
+from fpt.task import prepare
+from fpt.train import resume, train
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import (
     CLASSES,
@@ -31,6 +35,7 @@ from tests.pipeline_fixtures import (
     fast_training,
     interrupt_at_epoch,
     metric_lines,
+    preload_into,
     read_json,
     tiny_config,
     train_until_interrupted,
@@ -125,9 +130,7 @@ def test_cached_and_on_the_fly_features_give_the_same_logits(
     randomize_(model.fusion, seed=1)
     randomize_(model.side, seed=2)
     model.eval()
-    preload(
-        model, dataset, tmp_path / "cache", normalization, batch_size=8, num_workers=0, device="cpu", progress=False
-    )
+    preload_into(model, dataset, tmp_path / "cache", normalization, batch_size=8)
     cache = FeatureCache.open(tmp_path / "cache")
     samples = dataset.splits["train"]
     to_side = side_view(model.config.side_input_size, normalization, None)
@@ -138,8 +141,8 @@ def test_cached_and_on_the_fly_features_give_the_same_logits(
     cpu = torch.device("cpu")
 
     with torch.no_grad():
-        from_cache = model_logits(model, next(iter(torch.utils.data.DataLoader(cached, batch_size=12))), cpu)
-        from_lpm = model_logits(model, next(iter(torch.utils.data.DataLoader(on_the_fly, batch_size=12))), cpu)
+        from_cache = model.logits(next(iter(DataLoader(cached, batch_size=12, collate_fn=collate))).to(cpu))
+        from_lpm = model.logits(next(iter(DataLoader(on_the_fly, batch_size=12, collate_fn=collate))).to(cpu))
 
     assert from_cache.shape == (12, 3)
     assert from_lpm.abs().max() > 0.1  # not a degenerate comparison
@@ -164,11 +167,11 @@ def test_training_without_a_cache_matches_training_from_a_float32_cache(
     ):
         assert line_on_the_fly == pytest.approx(line_cached, rel=1e-4, abs=1e-5)
     for name in ("best", "last"):
-        assert on_the_fly[name]["loss"] == pytest.approx(cached[name]["loss"], rel=1e-4)
-        assert on_the_fly[name]["confusion_matrix"] == cached[name]["confusion_matrix"]
+        assert getattr(on_the_fly, name)["loss"] == pytest.approx(getattr(cached, name)["loss"], rel=1e-4)
+        assert getattr(on_the_fly, name)["confusion_matrix"] == getattr(cached, name)["confusion_matrix"]
     # evaluating an on-the-fly run loads the LPM again
     assert evaluate_run(tmp_path / "on_the_fly", checkpoint="last")["loss"] == pytest.approx(
-        on_the_fly["last"]["loss"], rel=1e-6
+        on_the_fly.last["loss"], rel=1e-6
     )
 
 
@@ -190,7 +193,7 @@ def test_the_same_seed_gives_the_same_metrics_and_another_seed_does_not(
     assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights)
     losses = [line["train_loss"] for line in metric_lines(tmp_path / "other")]
     assert losses != [line["train_loss"] for line in metric_lines(tmp_path / "first")]
-    assert other["last"]["loss"] != first["last"]["loss"]
+    assert other.last["loss"] != first.last["loss"]
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
@@ -233,19 +236,20 @@ def test_resume_restores_optimizer_scheduler_rng_and_best_score(
     saved_state = read_json(tmp_path / "run" / "checkpoints" / "last" / "state.json")
     saved_tensors = load_file(tmp_path / "run" / "checkpoints" / "last" / "optimizer.safetensors")
     seen: dict[str, Any] = {}
-    train_epoch = fpt.train._train_epoch
+    train_epoch = fpt.train.Trainer.train_epoch
 
-    def spy(model, loader, optimizer, scheduler, scaler, criterion, device, training, epoch, progress):
+    def spy(trainer, loader, epoch, progress):
+        optimizer = trainer.state.optimizer
         seen.update(
             epoch=epoch,
             rng=torch.get_rng_state(),
-            scheduler=scheduler.state_dict(),
+            scheduler=trainer.state.scheduler.state_dict(),
             step=optimizer.state_dict()["state"][0]["step"].item(),
             exp_avg=optimizer.state_dict()["state"][0]["exp_avg"].clone(),
         )
-        return train_epoch(model, loader, optimizer, scheduler, scaler, criterion, device, training, epoch, progress)
+        return train_epoch(trainer, loader, epoch, progress)
 
-    monkeypatch.setattr(fpt.train, "_train_epoch", spy)
+    monkeypatch.setattr(fpt.train.Trainer, "train_epoch", spy)
     results = resume(tmp_path / "run", progress=False)
 
     assert seen["epoch"] == 2
@@ -257,7 +261,7 @@ def test_resume_restores_optimizer_scheduler_rng_and_best_score(
     best_so_far = saved_state["best"]
     assert lines[2]["val_auc"] is not None
     expected_best = 3 if lines[2]["val_auc"] > best_so_far["score"] else best_so_far["epoch"]
-    assert results["best_epoch"] == expected_best
+    assert results.best_epoch == expected_best
 
 
 def _scripted_validation_scores(
@@ -300,7 +304,7 @@ def test_best_checkpoint_is_kept_by_the_selection_metric_and_both_are_tested(
     assert [line[f"val_{metric or 'auc'}"] for line in lines] == (
         [0.1, 0.2, 0.5, 0.3] if metric == "kappa" else [0.6, 0.9, 0.7, 0.8]
     )
-    assert results["best_epoch"] == expected_best_epoch
+    assert results.best_epoch == expected_best_epoch
     # the best checkpoint holds the weights of its epoch, the last those of the last epoch
     best_on_val = evaluate_run(tmp_path / "run", split="val", checkpoint="best")
     last_on_val = evaluate_run(tmp_path / "run", split="val", checkpoint="last")
@@ -310,7 +314,7 @@ def test_best_checkpoint_is_kept_by_the_selection_metric_and_both_are_tested(
     # both are evaluated on test at the end
     for name in ("best", "last"):
         on_test = evaluate_run(tmp_path / "run", split="test", checkpoint=name)
-        assert on_test == results[name]
+        assert on_test == getattr(results, name)
         assert on_test["num_samples"] == len(CLASSES) * SPLIT_SIZES["test"]
     predictions = (tmp_path / "run" / "predictions" / "test_best.csv").read_text().splitlines()
     assert predictions[0] == "path,label,p_a,p_b,p_c"
@@ -368,7 +372,7 @@ def test_training_preloads_only_the_missing_images_and_never_runs_the_lpm_itself
 
     monkeypatch.setattr(CacheWriter, "add", add_one_batch_only)
     with pytest.raises(KeyboardInterrupt):
-        preload(model, dataset, tmp_path / "cache", normalization, batch_size=8, num_workers=0, progress=False)
+        preload_into(model, dataset, tmp_path / "cache", normalization, batch_size=8, device="auto")
     monkeypatch.undo()
     encoded: list[int] = []
     forward = FrozenEncoder.forward
@@ -393,7 +397,7 @@ def test_training_preloads_only_the_missing_images_and_never_runs_the_lpm_itself
 def _interrupt_saving_last_checkpoint(monkeypatch: pytest.MonkeyPatch, epoch: int, mid_swap: bool) -> None:
     """Raise KeyboardInterrupt while epoch ``epoch`` (1-based) saves checkpoints/last: before it starts, or after the
     old checkpoint was moved aside but before the new one took its place."""
-    save = fpt.train._save_atomically
+    save = fpt.train.save_atomically
     saves: list[str] = []
 
     def interrupted_save(directory: Path, write) -> None:
@@ -408,7 +412,7 @@ def _interrupt_saving_last_checkpoint(monkeypatch: pytest.MonkeyPatch, epoch: in
                 raise KeyboardInterrupt
         save(directory, write)
 
-    monkeypatch.setattr(fpt.train, "_save_atomically", interrupted_save)
+    monkeypatch.setattr(fpt.train, "save_atomically", interrupted_save)
 
 
 @pytest.mark.parametrize("mid_swap", [False, True], ids=["after-metrics-line", "mid-checkpoint-swap"])
@@ -445,7 +449,7 @@ def test_a_run_trained_with_a_relative_cache_path_can_be_evaluated_from_another_
     results = train(image_data, "run", tiny_config(tiny_lpm_dir), fast_training(Path("cache")), progress=False)
     monkeypatch.chdir(tmp_path)
 
-    assert evaluate_run(tmp_path / "work" / "run", checkpoint="last") == results["last"]
+    assert evaluate_run(tmp_path / "work" / "run", checkpoint="last") == results.last
 
 
 def test_a_run_interrupted_in_its_first_epoch_resumes_from_the_start(
@@ -460,8 +464,8 @@ def test_a_run_interrupted_in_its_first_epoch_resumes_from_the_start(
 
     results = resume(tmp_path / "run", progress=False)
 
-    assert results["best"] == uninterrupted["best"]
-    assert results["last"] == uninterrupted["last"]
+    assert results.best == uninterrupted.best
+    assert results.last == uninterrupted.last
 
 
 def test_evaluating_the_train_split_uses_plain_views(trained_run: Path) -> None:
@@ -473,7 +477,7 @@ def test_evaluating_the_train_split_uses_plain_views(trained_run: Path) -> None:
 def test_a_diverging_run_stops_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
 ) -> None:
-    monkeypatch.setattr(fpt.train, "model_logits", lambda *args: torch.full((4, 3), float("nan"), requires_grad=True))
+    monkeypatch.setattr(FPTModel, "logits", lambda *args: torch.full((4, 3), float("nan"), requires_grad=True))
     with pytest.raises(FPTError, match="training diverged"):
         train(image_data, tmp_path / "run", tiny_config(tiny_lpm_dir), fast_training(None), progress=False)
 
@@ -496,4 +500,4 @@ def test_test_predictions_survive_commas_in_paths(tmp_path: Path, tiny_lpm_dir: 
     with (tmp_path / "run" / "predictions" / "test_best.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert all(row["path"].split("/")[-1].startswith("patient 1, ") for row in rows)
-    assert results["best"]["num_samples"] == len(rows)
+    assert results.best["num_samples"] == len(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,16 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from fpt.cli import main
-from fpt.config import METHOD_CONFIGS, MethodConfig
-from fpt.metrics import METRIC_NAMES
+from fpt.config import METHOD_CONFIGS, METRIC_NAMES, MethodConfig, TrainingConfig
+from fpt.data.loaders import Batch
+from fpt.evaluate import evaluate_run
 from fpt.models.backbone import BackboneSpec
 from fpt.models.baselines import BASELINE_METHODS
 from fpt.models.build import load_model
 from fpt.predict import predict_images
-from fpt.train import Run, TrainingConfig, evaluate_run, prepare, resume, train
+from fpt.run import Run
+from fpt.task import prepare
+from fpt.train import resume, train
 from tests.pipeline_fixtures import (
     CLASSES,
     LPM_INPUT_SIZE,
@@ -90,11 +94,11 @@ def test_each_baseline_trains_without_a_feature_cache_and_its_run_evaluates_to_i
     assert [line["epoch"] for line in lines] == [1, 2]
     assert all(torch.isfinite(torch.tensor([line["train_loss"], line["val_loss"]])).all() for line in lines)
 
-    assert read_json(tmp_path / "run" / "results.json") == results
-    assert results["best_epoch"] in (1, 2)
+    assert read_json(tmp_path / "run" / "results.json") == results.to_dict()
+    assert results.best_epoch in (1, 2)
     for name in ("best", "last"):
-        assert results[name]["num_samples"] == len(CLASSES) * SPLIT_SIZES["test"]
-        assert {*METRIC_NAMES, "loss", "confusion_matrix"} <= results[name].keys()
+        assert getattr(results, name)["num_samples"] == len(CLASSES) * SPLIT_SIZES["test"]
+        assert {*METRIC_NAMES, "loss", "confusion_matrix"} <= getattr(results, name).keys()
         checkpoint = tmp_path / "run" / "checkpoints" / name
         assert {"config.json", "model.safetensors"} <= {path.name for path in checkpoint.iterdir()}
         # only the trained weights are stored, and they are exactly what the restored model trains
@@ -102,8 +106,8 @@ def test_each_baseline_trains_without_a_feature_cache_and_its_run_evaluates_to_i
         assert set(weights) == set(load_model(checkpoint).trainable_state_dict())
     assert {"optimizer.safetensors", "state.json"} <= {p.name for p in (tmp_path / "run/checkpoints/last").iterdir()}
 
-    assert evaluate_run(tmp_path / "run", checkpoint="best", device="cpu") == results["best"]
-    assert evaluate_run(tmp_path / "run", checkpoint="last", device="cpu") == results["last"]
+    assert evaluate_run(tmp_path / "run", checkpoint="best", device="cpu") == results.best
+    assert evaluate_run(tmp_path / "run", checkpoint="last", device="cpu") == results.last
 
 
 def test_a_linear_probe_checkpoint_holds_only_the_trained_head(
@@ -133,9 +137,14 @@ def _views_by_index(loader: DataLoader, generator: torch.Generator | None, seed:
         generator.manual_seed(seed)
     items = {}
     for batch in loader:
-        for row, index in enumerate(batch["index"].tolist()):
-            items[index] = {key: value[row] for key, value in batch.items()}
+        for row, index in enumerate(batch.index.tolist()):
+            items[index] = {key: value[row] for key, value in _present(batch).items()}
     return items
+
+
+def _present(batch: Batch) -> dict[str, torch.Tensor]:
+    """The fields of ``batch`` that hold tensors, by name."""
+    return {f.name: getattr(batch, f.name) for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -150,8 +159,8 @@ def test_baseline_loaders_yield_the_lpm_view_augmented_for_training_and_plain_fo
     train_loader = run.loader("train", cache, generator)
 
     batch = next(iter(train_loader))
-    assert set(batch) == {"index", "label", "lpm"}  # no side view, no cached keys/values
-    assert batch["lpm"].shape == (training.batch_size, 3, LPM_INPUT_SIZE, LPM_INPUT_SIZE)
+    assert set(_present(batch)) == {"index", "label", "lpm"}  # no side view, no cached keys/values
+    assert batch.lpm.shape == (training.batch_size, 3, LPM_INPUT_SIZE, LPM_INPUT_SIZE)
     torch.manual_seed(0)
     first_epoch = _views_by_index(train_loader, generator, seed=0)
     second_epoch = _views_by_index(train_loader, generator, seed=0)  # same order, the augmentation draws again

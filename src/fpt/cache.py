@@ -1,4 +1,7 @@
-"""Preloaded LPM features: the selected keys/values of every image, computed once and memory-mapped.
+"""Storage of preloaded LPM features: the selected keys/values of every image, memory-mapped.
+
+This module only stores and reads records; it knows nothing of models or datasets (``fpt.preload`` runs the
+LPM over a dataset and writes here).
 
 A cache directory holds ``manifest.json`` (the fingerprint of everything that determines the features,
 and the record layout), ``index.jsonl`` (one line per image: its path relative to the data root, shard
@@ -11,10 +14,8 @@ only what the index lacks.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,18 +24,10 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import Tensor
 
-from fpt import __version__
-from fpt.config import FPTConfig
-from fpt.data.datasets import ImageDataset
-from fpt.data.loaders import SampleViews, worker_count
-from fpt.data.transforms import Normalization, lpm_view
+from fpt.config import CACHE_DTYPE_NAMES
 from fpt.errors import FPTError
-from fpt.models.fpt import FPTModel
-from fpt.models.frozen_encoder import num_important_tokens
-from fpt.runtime import Precision, autocast, progress_bar, select_device
 
 try:
     import fcntl
@@ -46,35 +39,7 @@ INDEX_NAME = "index.jsonl"
 LOCK_NAME = "cache.lock"
 CACHE_FORMAT = 1
 SHARD_BYTES = 2 * 2**30
-CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes), independent of where it came from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def cache_fingerprint(
-    config: FPTConfig, weights_sha256: str, normalization: Normalization, dtype: str, precision: Precision
-) -> dict[str, Any]:
-    """Everything that determines the cached features of an image."""
-    return {
-        "backbone": config.backbone.to_dict(),
-        "weights_sha256": weights_sha256,
-        "lpm_input_size": config.lpm_input_size,
-        "tapped_layers": config.tapped_layers,
-        "token_ratio": config.token_ratio,
-        "importance": config.importance,
-        "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
-        "dtype": dtype,
-        "precision": precision,
-        "fpt_version": __version__,
-    }
+CACHE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}
 
 
 def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
@@ -310,73 +275,3 @@ def _drop_partial_last_line(path: Path) -> None:
     if data and not data.endswith(b"\n"):
         with path.open("r+b") as handle:
             handle.truncate(data.rfind(b"\n") + 1)
-
-
-@dataclass
-class PreloadSummary:
-    cache_dir: Path
-    computed: int
-    reused: int
-    bytes_on_disk: int
-    seconds: float
-
-
-def preload(
-    model: FPTModel,
-    dataset: ImageDataset,
-    cache_dir: str | Path,
-    normalization: Normalization,
-    dtype: str = "float16",
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    device: str = "auto",
-    precision: Precision = "fp32",
-    overwrite: bool = False,
-    progress: bool = True,
-) -> PreloadSummary:
-    """Run the frozen LPM once over every image of ``dataset`` and store the selected keys/values.
-
-    Images already in the cache are skipped, so an interrupted preload resumes where it stopped.
-    """
-    if not model.config.cacheable:
-        raise FPTError(
-            f"{model.config.method} has no LPM features to preload (only fpt and fpt+ train from a feature cache)"
-        )
-    if model.encoder is None:
-        raise FPTError("preloading needs the model's LPM (build it with load_lpm=True)")
-    if dtype not in CACHE_DTYPES:
-        raise FPTError(f"cache dtype '{dtype}' is not one of {', '.join(CACHE_DTYPES)}")
-    start = time.perf_counter()
-    config, geometry = model.config, model.geometry
-    target = select_device(device)
-    effective_precision = precision if target.type == "cuda" else "fp32"  # autocast only runs on GPUs
-    digest = weights_digest(model.encoder.model)
-    fingerprint = cache_fingerprint(config, digest, normalization, dtype, effective_precision)
-    kept = num_important_tokens(geometry.num_tokens(config.lpm_input_size), config.token_ratio)
-    layout = RecordLayout((len(config.tapped_layers), geometry.num_heads, kept, geometry.head_dim), dtype)
-    cache = FeatureCache.create(cache_dir, fingerprint, layout, overwrite=overwrite)
-
-    samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
-    with cache.writer() as writer:  # holds the cache's lock: a concurrent preload waits, then reuses our work
-        missing = [samples[key] for key in cache.missing(list(samples), dataset.root)]
-        encoder = model.encoder.to(target)
-        views = SampleViews(dataset.root, missing, lpm_view=lpm_view(config.lpm_input_size, normalization))
-        loader = DataLoader(
-            views, batch_size=batch_size, num_workers=worker_count(num_workers), pin_memory=target.type == "cuda"
-        )
-        bar = progress_bar(total=len(missing), unit="img", desc="preload", enabled=progress and bool(missing))
-        with bar:
-            for batch in loader:
-                with autocast(target, precision):
-                    features = encoder(batch["lpm"].to(target, non_blocking=True))
-                paths = [missing[i].path for i in batch["index"].tolist()]
-                stamps = [file_stamp(dataset.root / path) for path in paths]
-                writer.add(paths, features.keys, features.values, stamps)
-                bar.update(len(paths))
-    return PreloadSummary(
-        cache_dir=Path(cache_dir),
-        computed=len(missing),
-        reused=len(samples) - len(missing),
-        bytes_on_disk=cache.size_on_disk(),
-        seconds=time.perf_counter() - start,
-    )

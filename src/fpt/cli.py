@@ -5,26 +5,42 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from fpt import __version__
-from fpt.bench.memory import METERS
-from fpt.bench.steps import STEP_METHODS
-from fpt.cache import CACHE_DTYPES
-from fpt.config import METHOD_CONFIGS, MethodConfig
-from fpt.data.transforms import Augmentation
+from fpt._version import __version__
+from fpt.config import (
+    CACHE_DTYPE_NAMES,
+    IMPORTANCE_RULES,
+    METERS,
+    METHOD_CONFIGS,
+    METHOD_VARIANTS,
+    METRIC_NAMES,
+    NORMALIZATIONS,
+    PRECISIONS,
+    AdapterConfig,
+    Augmentation,
+    BackboneSpec,
+    DemoSettings,
+    FPTConfig,
+    FPTPlusConfig,
+    LoRAConfig,
+    MethodConfig,
+    TrainingConfig,
+    VPTDeepConfig,
+    default_value,
+)
 from fpt.errors import FPTError
-from fpt.metrics import METRIC_NAMES
-from fpt.models.backbone import BackboneSpec
-from fpt.models.frozen_encoder import IMPORTANCE_RULES
-from fpt.report import TABLE_METRICS
-from fpt.runtime import PRECISIONS
-from fpt.train import TrainingConfig
+
+# The parser is built from fpt.config alone (no torch): `fpt --help` starts in well under a second. Each handler
+# imports the library modules it needs.
 
 DEFAULT_BACKBONE = "vit_base_patch16_384"
+DEFAULT_METHOD = "fpt+"
+DEFAULT_CACHE = "fpt-cache"  # the command line caches by default; the API only when TrainingConfig.cache_dir is set
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,14 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except FPTError as error:
-        message = str(error)
-        if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the original message
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        print(f"fpt: error: {message}", file=sys.stderr)
+        if args.traceback or os.environ.get("FPT_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"fpt: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fpt: interrupted; everything finished so far is kept (rerun to continue)", file=sys.stderr)
         return 130
+
+
+def _training_default(name: str) -> object:
+    return default_value(TrainingConfig, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "high-resolution medical image classification at a few percent of full fine-tuning's memory.",
     )
     parser.add_argument("--version", action="version", version=f"fpt {__version__}")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback behind an error (or set FPT_DEBUG=1)"
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     info = commands.add_parser(
@@ -97,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="print a run's metrics on a split", description="Evaluate a trained run on one split."
     )
     evaluate.add_argument("run_dir", metavar="RUN", help="run directory written by `fpt train`")
-    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
-    evaluate.add_argument("--checkpoint", default="best", choices=("best", "last"), help="default: best")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: %(default)s")
+    evaluate.add_argument("--checkpoint", default="best", choices=("best", "last"), help="default: %(default)s")
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.set_defaults(handler=_run_evaluate)
@@ -110,12 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("run_dir", metavar="RUN", help="run directory written by `fpt train`")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    predict.add_argument("--checkpoint", default="best", choices=("best", "last"), help="default: best")
+    predict.add_argument("--checkpoint", default="best", choices=("best", "last"), help="default: %(default)s")
     predict.add_argument("--csv", metavar="FILE", help="also write the probabilities to FILE")
     predict.add_argument("--explain", metavar="DIR", help="write a PNG per image of where the prompts attended")
     predict.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the run's)")
     predict.set_defaults(handler=_run_predict)
 
+    demo_splits = default_value(DemoSettings, "splits")
     synth = commands.add_parser(
         "synth",
         help="write the synthetic high-resolution fundus benchmark (4 lesion grades)",
@@ -123,11 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/{train,val,test}/<grade>/<seed>.png plus OUT/labels.csv.",
     )
     synth.add_argument("out", metavar="OUT", help="output folder")
-    synth.add_argument("--train", type=int, default=240, help="training images (default: 240)")
-    synth.add_argument("--val", type=int, default=60, help="validation images (default: 60)")
-    synth.add_argument("--test", type=int, default=160, help="test images (default: 160)")
-    synth.add_argument("--first-seed", type=int, default=0, help="seed of the first image (default: 0)")
-    synth.add_argument("--size", type=int, default=512, help="image size in pixels (default: 512)")
+    for split, noun in (("train", "training"), ("val", "validation"), ("test", "test")):
+        synth.add_argument(
+            f"--{split}", type=int, default=demo_splits[split], help=f"{noun} images (default: %(default)s)"
+        )
+    synth.add_argument("--first-seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
+    synth.add_argument("--size", type=int, default=512, help="image size in pixels (default: %(default)s)")
     synth.set_defaults(handler=_run_synth)
 
     demo = commands.add_parser(
@@ -136,10 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the synthetic benchmark (if absent), preload the shipped pre-trained LPM, train "
         "FPT+ and the side-only control, and write a comparison, demo_results.json and an HTML report.",
     )
-    demo.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: demo_output)")
-    demo.add_argument("--epochs", type=int, default=40, help="training epochs per method (default: 40)")
-    demo.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    demo.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    demo.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: %(default)s)")
+    for name, kind, what in (("epochs", int, "training epochs per method"), ("lr", float, "learning rate")):
+        demo.add_argument(
+            f"--{name}", type=kind, default=default_value(DemoSettings, name), help=f"{what} (default: %(default)s)"
+        )
+    demo.add_argument(
+        "--seed", type=int, default=default_value(DemoSettings, "seed"), help="training seed (default: %(default)s)"
+    )
     demo.set_defaults(handler=_run_demo)
 
     bench = commands.add_parser(
@@ -157,29 +185,37 @@ def build_parser() -> argparse.ArgumentParser:
         "note, where the simulated peak would not fit in free memory.",
     )
     _add_backbone_arguments(memory)
-    memory.add_argument("--input-size", type=int, default=512, metavar="S", help="LPM input size (default: 512)")
-    memory.add_argument("--batch-size", type=int, default=16, metavar="B", help="batch size (default: 16)")
+    _add_input_size_argument(memory)
+    memory.add_argument(
+        "--batch-size",
+        type=int,
+        default=_training_default("batch_size"),
+        metavar="B",
+        help="batch size (default: %(default)s)",
+    )
     memory.add_argument(
         "--methods",
-        type=_method_list,
-        default=list(STEP_METHODS),
+        type=_METHOD_LIST,
+        default=list(METHOD_VARIANTS),
         metavar="LIST",
-        help=f"comma-separated, from {', '.join(STEP_METHODS)} (default: all)",
+        help=f"comma-separated, from {', '.join(METHOD_VARIANTS)} (default: all)",
     )
     memory.add_argument(
         "--meters",
-        type=_meter_list,
+        type=_choice_list(METERS, f"meters must be among {', '.join(METERS)}, got '{{text}}'"),
         default=list(METERS),
         metavar="LIST",
         help="measured,simulated (default: both); simulated alone is fast at any size",
     )
-    memory.add_argument("--device", default="cpu", help="device of the measured meter (default: cpu)")
-    memory.add_argument("--num-classes", type=int, default=5, metavar="K", help="classes of the head (default: 5)")
+    memory.add_argument("--device", default="cpu", help="device of the measured meter (default: %(default)s)")
+    memory.add_argument(
+        "--num-classes", type=int, default=5, metavar="K", help="classes of the head (default: %(default)s)"
+    )
     memory.add_argument(
         "--cache-dtype",
-        choices=tuple(CACHE_DTYPES),
-        default="float16",
-        help="dtype of FPT's cached keys/values (default: float16)",
+        choices=CACHE_DTYPE_NAMES,
+        default=_training_default("cache_dtype"),
+        help="dtype of FPT's cached keys/values (default: %(default)s)",
     )
     memory.add_argument(
         "--sweep-input-size",
@@ -195,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="draw the peaks as a bar chart (default file: memory.png, in --out)",
     )
-    memory.add_argument("--out", default=".", metavar="DIR", help="folder for plots and the sweep CSV (default: .)")
+    memory.add_argument(
+        "--out", default=".", metavar="DIR", help="folder for plots and the sweep CSV (default: %(default)s)"
+    )
     memory.set_defaults(handler=_run_bench_memory)
 
     accuracy = benches.add_parser(
@@ -203,20 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train methods on one dataset with identical settings and compare AUC, memory, PPE and PME",
         description="Train every --methods on DATA with the same settings into OUT/runs/<method> (finished runs "
         "are reused, interrupted ones resumed), meter their training memory, and write OUT/accuracy.md and "
-        "OUT/accuracy.json: AUC, accuracy, kappa, learnable %, peak memory, PPE = AUC*exp(-log10(r+1)) and "
+        "OUT/accuracy.json: AUC, accuracy, kappa, learnable %%, peak memory, PPE = AUC*exp(-log10(r+1)) and "
         "PME = AUC*exp(-log10(m+1)), r and m the parameter and memory ratios to full fine-tuning.",
     )
     accuracy.add_argument("data", metavar="DATA", help="dataset folder or CSV manifest")
-    accuracy.add_argument("--out", default="fpt-bench-accuracy", metavar="DIR", help="default: fpt-bench-accuracy")
+    accuracy.add_argument("--out", default="fpt-bench-accuracy", metavar="DIR", help="default: %(default)s")
     accuracy.add_argument(
         "--methods",
-        type=_method_list,
+        type=_METHOD_LIST,
         default=list(METHOD_CONFIGS),
         metavar="LIST",
         help=f"comma-separated (default: {','.join(METHOD_CONFIGS)}; a /no-cache variant runs the LPM every step)",
     )
     _add_backbone_arguments(accuracy)
-    accuracy.add_argument("--input-size", type=int, default=512, metavar="S", help="LPM input size (default: 512)")
+    _add_input_size_argument(accuracy)
     _add_data_arguments(accuracy)
     _add_training_arguments(accuracy, with_cache_option=False)
     accuracy.set_defaults(handler=_run_bench_accuracy)
@@ -225,33 +263,74 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: bool = False) -> None:
     """Options that define a method's configuration; unset ones keep the method's preset."""
+
+    def preset(config_class: type, name: str) -> object:
+        return default_value(config_class, name)
+
     group = _add_backbone_arguments(parser)
     group.add_argument(
         "--method",
         choices=tuple(METHOD_CONFIGS),
-        default="fpt+",
-        help="fpt+ (default) or fpt; the baselines full, linear, vpt-deep, lora, adapter; or side-only",
+        default=DEFAULT_METHOD,
+        help=f"{DEFAULT_METHOD} (default) or fpt; the baselines full, linear, vpt-deep, lora, adapter; or side-only",
     )
     if num_classes_required:
         group.add_argument("--num-classes", type=int, required=True, metavar="K", help="number of classes")
-    group.add_argument("--input-size", type=int, metavar="S", help="LPM input size in pixels (preset: 512)")
     group.add_argument(
-        "--side-input-size", type=int, metavar="S", help="side network input size (preset: 224 fpt, 128 fpt+)"
+        "--input-size",
+        type=int,
+        metavar="S",
+        help=f"LPM input size in pixels (preset: {preset(MethodConfig, 'lpm_input_size')})",
+    )
+    group.add_argument(
+        "--side-input-size",
+        type=int,
+        metavar="S",
+        help=f"side network input size (preset: {preset(FPTConfig, 'side_input_size')} fpt, "
+        f"{preset(FPTPlusConfig, 'side_input_size')} fpt+ and side-only)",
     )
     group.add_argument(
         "--tapped-layers",
         type=_int_list,
         metavar="I,J,...",
-        help="LPM layers to tap, 0-based (preset: all for fpt, the last half for fpt+)",
+        help="LPM layers to tap, 0-based (preset: all for fpt, the last half for fpt+ and side-only)",
     )
     group.add_argument(
-        "--num-prompts", type=int, metavar="M", help="prompts per tapped layer (preset: 16) or per block (vpt-deep: 10)"
+        "--num-prompts",
+        type=int,
+        metavar="M",
+        help=f"prompts per tapped layer (preset: {preset(FPTConfig, 'num_prompts')}) or per block "
+        f"(vpt-deep: {preset(VPTDeepConfig, 'num_prompts')})",
     )
-    group.add_argument("--token-ratio", type=float, metavar="R", help="fraction of tokens kept per head (preset: 0.2)")
-    group.add_argument("--importance", choices=IMPORTANCE_RULES, help="token importance rule (preset: global)")
-    group.add_argument("--lora-rank", type=int, metavar="R", help="lora: rank of the qkv update (preset: 8)")
-    group.add_argument("--lora-alpha", type=float, metavar="A", help="lora: the update is scaled by A / rank (8)")
-    group.add_argument("--adapter-dim", type=int, metavar="D", help="adapter: bottleneck width (preset: 64)")
+    group.add_argument(
+        "--token-ratio",
+        type=float,
+        metavar="R",
+        help=f"fraction of tokens kept per head (preset: {preset(FPTConfig, 'token_ratio')})",
+    )
+    group.add_argument(
+        "--importance",
+        choices=IMPORTANCE_RULES,
+        help=f"token importance rule (preset: {preset(FPTConfig, 'importance')})",
+    )
+    group.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help=f"lora: rank of the qkv update (preset: {preset(LoRAConfig, 'rank')})",
+    )
+    group.add_argument(
+        "--lora-alpha",
+        type=float,
+        metavar="A",
+        help=f"lora: the update is scaled by A / rank (preset: {preset(LoRAConfig, 'alpha'):g})",
+    )
+    group.add_argument(
+        "--adapter-dim",
+        type=int,
+        metavar="D",
+        help=f"adapter: bottleneck width (preset: {preset(AdapterConfig, 'bottleneck_dim')})",
+    )
 
 
 def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -262,7 +341,7 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
         metavar="NAME",
         help="the pre-trained LPM: a timm name (vit_base_patch16_384.orig_in21k_ft_in1k), hf-hub:ORG/REPO, a "
         "Hugging Face ViT repo id, a local checkpoint directory, or 'demo' (the shipped demo LPM) "
-        f"(default: {DEFAULT_BACKBONE})",
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--backbone-weights",
@@ -270,6 +349,16 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
         help="local .safetensors/.pth/.bin weights for the --backbone architecture (nothing is downloaded)",
     )
     return group
+
+
+def _add_input_size_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=default_value(MethodConfig, "lpm_input_size"),
+        metavar="S",
+        help="LPM input size (default: %(default)s)",
+    )
 
 
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
@@ -316,84 +405,123 @@ def config_from_args(args: argparse.Namespace) -> MethodConfig:
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    default = _training_default
     group = parser.add_argument_group("data and feature cache")
-    group.add_argument("--cache", metavar="DIR", help="feature cache directory (default: fpt-cache)")
+    group.add_argument("--cache", metavar="DIR", help=f"feature cache directory (default: {DEFAULT_CACHE})")
     group.add_argument(
-        "--cache-dtype", choices=tuple(CACHE_DTYPES), help="dtype of cached keys/values (default: float16)"
+        "--cache-dtype",
+        choices=CACHE_DTYPE_NAMES,
+        help=f"dtype of cached keys/values (default: {default('cache_dtype')})",
     )
     group.add_argument(
         "--norm",
-        choices=("backbone", "auto"),
+        choices=NORMALIZATIONS,
         help="normalisation: the backbone's mean/std (default) or the training set's statistics (auto)",
     )
-    group.add_argument("--val-fraction", type=float, metavar="F", help="share of train made into val if absent (0.15)")
     group.add_argument(
-        "--test-fraction", type=float, metavar="F", help="share of train made into test if absent (0.15)"
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help=f"share of train made into val if absent (default: {default('val_fraction')})",
     )
-    group.add_argument("--batch-size", type=int, metavar="B", help="batch size (default: 16)")
+    group.add_argument(
+        "--test-fraction",
+        type=float,
+        metavar="F",
+        help=f"share of train made into test if absent (default: {default('test_fraction')})",
+    )
+    group.add_argument("--batch-size", type=int, metavar="B", help=f"batch size (default: {default('batch_size')})")
     group.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (default: spare cores, max 4)")
     group.add_argument("--device", help="auto (cuda > mps > cpu, default), cpu, cuda, cuda:N or mps")
-    group.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), or bf16/fp16 autocast on GPUs")
-    group.add_argument("--seed", type=int, help="seed for splits, shuffling, augmentation and init (default: 0)")
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help=f"{default('precision')} (default), or bf16/fp16 autocast on GPUs",
+    )
+    group.add_argument(
+        "--seed", type=int, help=f"seed for splits, shuffling, augmentation and init (default: {default('seed')})"
+    )
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: bool = True) -> None:
+    default = _training_default
+    augmentation = Augmentation()
     group = parser.add_argument_group("training")
     if with_cache_option:
         group.add_argument("--no-cache", action="store_true", help="run the LPM on the fly instead of caching features")
-    group.add_argument("--epochs", type=int, help="default: 20")
-    group.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4)")
-    group.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1)")
-    group.add_argument("--warmup-epochs", type=float, help="linear warm-up before cosine decay (default: 0)")
-    group.add_argument("--clip-grad-norm", type=float, help="gradient clipping norm, 0 disables (default: 1.0)")
-    group.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing (default: 0)")
+    group.add_argument("--epochs", type=int, help=f"training epochs (default: {default('epochs')})")
+    group.add_argument("--lr", type=float, help=f"peak learning rate (default: {default('lr'):g})")
+    group.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
+    group.add_argument(
+        "--warmup-epochs", type=float, help=f"linear warm-up before cosine decay (default: {default('warmup_epochs')})"
+    )
+    group.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        help=f"gradient clipping norm, 0 disables (default: {default('clip_grad_norm')})",
+    )
+    group.add_argument(
+        "--label-smoothing", type=float, help=f"cross-entropy label smoothing (default: {default('label_smoothing')})"
+    )
     group.add_argument("--balanced", action="store_true", help="weight the loss by inverse class frequency")
-    group.add_argument("--metric", choices=METRIC_NAMES, help="validation metric that picks the best checkpoint")
-    group.add_argument("--crop-scale", type=_float_pair, metavar="A,B", help="random-resized-crop scale (0.8,1.0)")
-    group.add_argument("--crop-ratio", type=_float_pair, metavar="A,B", help="random-resized-crop ratio (0.7,1.3)")
-    group.add_argument("--hflip", type=float, metavar="P", help="horizontal flip probability (default: 0.5)")
-    group.add_argument("--brightness", type=float, help="brightness jitter (default: 0.2)")
-    group.add_argument("--contrast", type=float, help="contrast jitter (default: 0.2)")
+    group.add_argument(
+        "--metric",
+        choices=METRIC_NAMES,
+        help=f"validation metric that picks the best checkpoint (default: {default('selection_metric')})",
+    )
+    group.add_argument(
+        "--crop-scale",
+        type=_float_pair,
+        metavar="A,B",
+        help=f"random-resized-crop scale (default: {_pair(augmentation.crop_scale)})",
+    )
+    group.add_argument(
+        "--crop-ratio",
+        type=_float_pair,
+        metavar="A,B",
+        help=f"random-resized-crop ratio (default: {_pair(augmentation.crop_ratio)})",
+    )
+    group.add_argument(
+        "--hflip", type=float, metavar="P", help=f"horizontal flip probability (default: {augmentation.hflip})"
+    )
+    group.add_argument("--brightness", type=float, help=f"brightness jitter (default: {augmentation.brightness})")
+    group.add_argument("--contrast", type=float, help=f"contrast jitter (default: {augmentation.contrast})")
+
+
+TRAINING_OPTIONS = {  # TrainingConfig field: parsed option (absent from commands that do not offer it)
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "warmup_epochs": "warmup_epochs",
+    "label_smoothing": "label_smoothing",
+    "selection_metric": "metric",
+    "seed": "seed",
+    "device": "device",
+    "precision": "precision",
+    "num_workers": "workers",
+    "cache_dtype": "cache_dtype",
+    "normalization": "norm",
+    "val_fraction": "val_fraction",
+    "test_fraction": "test_fraction",
+}
+AUGMENTATION_OPTIONS = ("crop_scale", "crop_ratio", "hflip", "brightness", "contrast")
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    """The training config of the parsed options; unset ones keep ``TrainingConfig``'s defaults."""
+    """The training config of the parsed options; unset ones keep ``TrainingConfig``'s defaults, except the
+    feature cache, which the command line keeps in ``fpt-cache`` unless told otherwise."""
 
-    def given(**values):
+    def given(options: dict[str, str]) -> dict[str, object]:
+        values = {name: getattr(args, option, None) for name, option in options.items()}
         return {name: value for name, value in values.items() if value is not None}
 
-    augmentation = Augmentation(
-        **given(
-            crop_scale=getattr(args, "crop_scale", None),
-            crop_ratio=getattr(args, "crop_ratio", None),
-            hflip=getattr(args, "hflip", None),
-            brightness=getattr(args, "brightness", None),
-            contrast=getattr(args, "contrast", None),
-        )
-    )
+    options = given(TRAINING_OPTIONS)
     clip = getattr(args, "clip_grad_norm", None)
-    options = given(
-        epochs=getattr(args, "epochs", None),
-        batch_size=args.batch_size,
-        lr=getattr(args, "lr", None),
-        weight_decay=getattr(args, "weight_decay", None),
-        warmup_epochs=getattr(args, "warmup_epochs", None),
-        label_smoothing=getattr(args, "label_smoothing", None),
-        selection_metric=getattr(args, "metric", None),
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-        num_workers=args.workers,
-        cache_dir=args.cache,
-        cache_dtype=args.cache_dtype,
-        normalization=args.norm,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-    )
     if clip is not None:
         options["clip_grad_norm"] = clip or None
-    if getattr(args, "no_cache", False):
-        options["cache_dir"] = None
+    options["cache_dir"] = None if getattr(args, "no_cache", False) else args.cache or DEFAULT_CACHE
+    augmentation = Augmentation(**given({name: name for name in AUGMENTATION_OPTIONS}))
     return TrainingConfig(**options, balanced_class_weights=getattr(args, "balanced", False), augmentation=augmentation)
 
 
@@ -401,29 +529,32 @@ def _run_info(args: argparse.Namespace) -> int:
     from fpt.info import format_model_info, model_info
     from fpt.models.build import build_model
 
-    model = build_model(config_from_args(args), pretrained_lpm=False)
-    info = model_info(model)
-    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
+    info = model_info(build_model(config_from_args(args), pretrained_lpm=False))
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_model_info(info))
     return 0
 
 
 def _run_preload(args: argparse.Namespace) -> int:
-    from fpt.train import cache_features, prepare
+    from fpt.preload import preload
+    from fpt.render import mib
+    from fpt.task import prepare
 
     config = config_from_args(args)
     if not config.cacheable:
         raise FPTError(f"--method {args.method} has no LPM features to preload; only fpt and fpt+ train from a cache")
     training = training_config_from_args(args)
     dataset, model, normalization = prepare(args.data, config, training)
-    summary = cache_features(model, dataset, normalization, training, overwrite=args.overwrite)
+    summary = preload(model, dataset, normalization, training, overwrite=args.overwrite)
     print(
         f"cache {summary.cache_dir}: {summary.computed} images computed, {summary.reused} already cached, "
-        f"{summary.bytes_on_disk / 2**20:.1f} MiB on disk, {summary.seconds:.1f} s"
+        f"{mib(summary.bytes_on_disk)} on disk, {summary.seconds:.1f} s"
     )
     return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from fpt.render import metrics_table
+    from fpt.run import REPORT_FILE
     from fpt.train import resume, train
 
     if args.resume:
@@ -440,48 +571,42 @@ def _run_train(args: argparse.Namespace) -> int:
             raise FPTError("give DATA and --run DIR (or --resume RUN to continue a run)")
         results = train(args.data, args.run, config_from_args(args), training_config_from_args(args))
         run_dir = Path(args.run)
-    print(_metrics_table({name: results[name] for name in ("best", "last")}))
-    print(f"run written to {run_dir} (report: {run_dir / 'report.html'})")
+    print(metrics_table({"best": results.best, "last": results.last}))
+    print(f"run written to {run_dir} (report: {run_dir / REPORT_FILE})")
     return 0
 
 
 def _options_given_with_resume(args: argparse.Namespace) -> list[str]:
-    """Options that ``--resume`` would ignore, as the user typed them."""
-    defaults = {"backbone": DEFAULT_BACKBONE, "method": "fpt+", "no_cache": False, "balanced": False}
-    allowed = {"resume", "device", "workers", "handler"}
-    given = [
-        name
-        for name, value in vars(args).items()
-        if name not in allowed and value != defaults.get(name) and value is not None
-    ]
+    """Options that ``--resume`` would ignore, as the user typed them (any value other than the parser's own
+    default counts as given)."""
+    defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
+    allowed = {"resume", "device", "workers", "handler", "traceback"}
+    given = [name for name, value in vars(args).items() if name not in allowed and value != defaults[name]]
     return ["DATA" if name == "data" else f"--{name.replace('_', '-')}" for name in given]
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from fpt.train import evaluate_run
+    from fpt.evaluate import evaluate_run
+    from fpt.render import metrics_table
 
     metrics = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, device=args.device)
-    print(
-        json.dumps(metrics, indent=2) if args.json else _metrics_table({f"{args.checkpoint} ({args.split})": metrics})
-    )
+    print(json.dumps(metrics, indent=2) if args.json else metrics_table({f"{args.checkpoint} ({args.split})": metrics}))
     return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from fpt.predict import predict_images
+    from fpt.predict import predict_images, prediction_rows
 
     predictions = predict_images(
         args.run_dir, args.images, checkpoint=args.checkpoint, device=args.device, explain_dir=args.explain
     )
-    classes = _run_classes(args.run_dir)
-    rows = [[p.path, p.predicted, *(f"{v:.4f}" for v in p.probabilities)] for p in predictions]
-    header = ["image", "predicted", *classes]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
+    rows = prediction_rows(args.run_dir, predictions)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
-            csv.writer(handle).writerows([header, *rows])
+            csv.writer(handle).writerows(rows)
     if args.explain:
         print(f"prompt-attention overlays written to {args.explain}")
     return 0
@@ -498,7 +623,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from fpt.demo import DemoSettings, run_demo
+    from fpt.demo import run_demo
 
     run_demo(args.out, DemoSettings(epochs=args.epochs, lr=args.lr, seed=args.seed))
     return 0
@@ -507,47 +632,24 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _run_bench_memory(args: argparse.Namespace) -> int:
     import torch
 
-    from fpt.bench.memory_benchmark import (
-        benchmark_memory,
-        format_memory_table,
-        plot_memory,
-        plot_sweep,
-        write_sweep_csv,
-    )
+    from fpt.bench.memory_benchmark import benchmark_memory_sweep, format_memory_table, write_memory_outputs
 
-    backbone = backbone_from_args(args)
-    sizes = args.sweep_input_size or [args.input_size]
     progress = not args.json
-    results = []
-    for size in sizes:
-        if progress and len(sizes) > 1:
-            print(f"input size {size} px")
-        results.append(
-            benchmark_memory(
-                backbone,
-                size,
-                args.batch_size,
-                args.methods,
-                meters=args.meters,
-                device=args.device,
-                num_classes=args.num_classes,
-                cache_dtype=getattr(torch, args.cache_dtype),
-                progress=progress,
-            )
-        )
-    out = Path(args.out)
-    written = []
-    if args.sweep_input_size:
-        written += [write_sweep_csv(results, out / "memory_sweep.csv"), plot_sweep(results, out / "memory_sweep.png")]
-    if args.plot:
-        written += [
-            plot_memory(result, out / f"{Path(args.plot).stem}_{result['setting']['input_size']}px.png")
-            if len(results) > 1
-            else plot_memory(result, out / args.plot)
-            for result in results
-        ]
+    results = benchmark_memory_sweep(
+        backbone_from_args(args),
+        args.sweep_input_size or [args.input_size],
+        args.batch_size,
+        args.methods,
+        meters=args.meters,
+        device=args.device,
+        num_classes=args.num_classes,
+        cache_dtype=getattr(torch, args.cache_dtype),
+        progress=progress,
+    )
+    written = write_memory_outputs(results, args.out, plot=args.plot, sweep=bool(args.sweep_input_size))
     if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else {"sweep": results}, indent=2))
+        records = [result.to_dict() for result in results]
+        print(json.dumps(records[0] if len(records) == 1 else {"sweep": records}, indent=2))
         return 0
     for result in results:
         print(format_memory_table(result) + "\n")
@@ -568,38 +670,25 @@ def _run_bench_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_list(text: str) -> list[str]:
-    methods = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [m for m in methods if m not in STEP_METHODS]
-    if not methods:
-        raise argparse.ArgumentTypeError("give at least one method")
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {','.join(unknown)}; choose from {','.join(STEP_METHODS)}")
-    return methods
+def _choice_list(allowed: Sequence[str], message: str):
+    """An argparse type: a non-empty, comma-separated list of ``allowed`` names; ``message`` (formatted with
+    ``text`` and the ``unknown`` names) is the usage error otherwise."""
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if not items or unknown:
+            raise argparse.ArgumentTypeError(message.format(text=text, unknown=",".join(unknown) or "none given"))
+        return items
+
+    return parse
 
 
-def _meter_list(text: str) -> list[str]:
-    meters = [item.strip() for item in text.split(",") if item.strip()]
-    if not meters or any(m not in METERS for m in meters):
-        raise argparse.ArgumentTypeError(f"meters must be among {', '.join(METERS)}, got '{text}'")
-    return meters
+_METHOD_LIST = _choice_list(METHOD_VARIANTS, f"unknown method(s) {{unknown}}; choose from {','.join(METHOD_VARIANTS)}")
 
 
-def _run_classes(run_dir: str) -> list[str]:
-    from fpt.train import Run
-
-    return Run.load(run_dir).dataset.classes
-
-
-def _metrics_table(columns: dict[str, dict]) -> str:
-    width = max(8, *(len(n) for n in columns))
-    lines = [f"{'metric':<18}" + "".join(f"{n:>{width + 2}}" for n in columns)]
-    for metric in TABLE_METRICS:
-        cells = "".join(
-            f"{'n/a' if m.get(metric) is None else format(m[metric], '.4f'):>{width + 2}}" for m in columns.values()
-        )
-        lines.append(f"{metric:<18}{cells}")
-    return "\n".join(lines)
+def _pair(values: tuple[float, float]) -> str:
+    return ",".join(str(value) for value in values)
 
 
 def _int_list(text: str) -> list[int]:

@@ -1,17 +1,67 @@
-"""One configuration dataclass per method; each round-trips through JSON (``config.json``)."""
+"""What can be configured: the backbone spec, one dataclass per method, the training settings, and the choices
+each option takes.
+
+This module is the bottom layer: it imports nothing heavier than the standard library (no torch), so the
+command line can build its parser, help text and defaults from it in a fraction of a second. Every method
+config round-trips through JSON (``config.json``); ``METHOD_CONFIGS`` is the registry of methods.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from fpt.errors import FPTError
-from fpt.models.backbone import BackboneSpec
-from fpt.models.frozen_encoder import IMPORTANCE_RULES, Importance
 
 CONFIG_NAME = "config.json"
+
+Importance = Literal["global", "cls"]
+IMPORTANCE_RULES: tuple[str, ...] = ("global", "cls")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+CACHE_DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+NORMALIZATIONS: tuple[str, ...] = ("backbone", "auto")
+METRIC_NAMES: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "kappa")
+METERS: tuple[str, ...] = ("measured", "simulated")
+
+
+def is_local_path(name: str) -> bool:
+    """True when a backbone name is a path on this machine rather than a model name."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+@dataclass
+class BackboneSpec:
+    """What to build as the LPM.
+
+    Attributes:
+        name: a timm model name, optionally with its pretrained tag
+            (``vit_base_patch16_384.orig_in21k_ft_in1k``); a timm Hub model (``hf-hub:timm/...``);
+            a Hugging Face ``ViTModel`` repo id (``google/vit-base-patch16-384``); or a local directory
+            holding a timm or Hugging Face ViT checkpoint (``config.json`` + weights).
+        weights: a local weights file (.safetensors, .pth, .pt, .bin) for the timm architecture ``name``.
+            When given, nothing is downloaded.
+        model_kwargs: extra timm constructor arguments (``depth``, ``embed_dim``, ...), for timm names.
+    """
+
+    name: str
+    weights: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def with_absolute_paths(self) -> BackboneSpec:
+        """The same spec with local paths made absolute, so that saved runs work from any directory."""
+        name = str(Path(self.name).expanduser().resolve()) if is_local_path(self.name) else self.name
+        weights = str(Path(self.weights).expanduser().resolve()) if self.weights else None
+        return BackboneSpec(name, weights, dict(self.model_kwargs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
+        return cls(**data)
 
 
 @dataclass
@@ -24,16 +74,22 @@ class MethodConfig:
         lpm_input_size: side in pixels of the high-resolution image the LPM reads.
         class_names: names of the ``num_classes`` classes, in label order (stored with trained models).
 
-    Class attributes describe how a method is trained:
+    Class attributes describe how a method is trained (the training loop, the data pipeline and
+    ``fpt info`` read these, never the method's name):
         uses_lpm: it reads the LPM (its features or its forward pass).
         side_network: it trains a side network on a down-sampled view.
         cacheable: its LPM input is never augmented, so the LPM's features can be preloaded.
+        trains_lpm: every LPM weight is trained (and saved), so the pre-trained ones need not be read on loading.
+        retired_fields: fields that earlier versions wrote into ``config.json`` but the method never used; they
+            are dropped on loading, so those models and runs still load.
     """
 
     method: ClassVar[str]
     uses_lpm: ClassVar[bool] = True
     side_network: ClassVar[bool] = False
     cacheable: ClassVar[bool] = False
+    trains_lpm: ClassVar[bool] = False
+    retired_fields: ClassVar[tuple[str, ...]] = ()
 
     backbone: BackboneSpec
     num_classes: int
@@ -45,8 +101,7 @@ class MethodConfig:
             self.backbone = BackboneSpec(self.backbone)
         elif isinstance(self.backbone, dict):
             self.backbone = BackboneSpec.from_dict(self.backbone)
-        for name in ("num_classes", "lpm_input_size"):
-            _check_positive(self, name)
+        _check_positive(self, "num_classes", "lpm_input_size")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise FPTError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
 
@@ -60,52 +115,70 @@ class MethodConfig:
 
 
 @dataclass
-class FPTConfig(MethodConfig):
-    """Fine-grained Prompt Tuning (FPT, MICCAI 2024).
-
-    Preset: every LPM layer tapped, 224 px side input, prompts of width d/8 with an up-projection to d.
+class SideNetworkConfig(MethodConfig):
+    """What every method with a side network shares (FPT, FPT+ and the side-only control).
 
     Attributes (besides ``MethodConfig``'s):
         side_input_size: side in pixels of the down-sampled image the side network reads.
-        tapped_layers: LPM block indices whose keys/values are used; None means the method's preset.
-        num_prompts: M, fine-grained prompts per tapped layer.
-        token_ratio: fraction of the LPM's N tokens kept per head (T = int(N * token_ratio)).
-        importance: token importance, "global" (mean attention received) or "cls" (CLS attention).
-        prompt_dropout: dropout on the fused prompts.
+        tapped_layers: LPM block indices whose keys/values are used; the side network has one block per
+            tapped layer. None means the method's preset.
         side_width_divisor: the side network's width is the LPM's width divided by this.
     """
 
-    method: ClassVar[str] = "fpt"
     side_network: ClassVar[bool] = True
-    cacheable: ClassVar[bool] = True
 
-    side_input_size: int = 224
+    side_input_size: int = 128
     tapped_layers: list[int] | None = None
-    num_prompts: int = 16
-    token_ratio: float = 0.2
-    importance: Importance = "global"
-    prompt_dropout: float = 0.5
     side_width_divisor: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tapped_layers is not None:
             self.tapped_layers = [int(layer) for layer in self.tapped_layers]
-        for name in ("side_input_size", "num_prompts", "side_width_divisor"):
-            _check_positive(self, name)
+        _check_positive(self, "side_input_size", "side_width_divisor")
+
+    def default_tapped_layers(self, depth: int) -> list[int]:
+        """The preset's tapped layers for an LPM of ``depth`` blocks: the last half (FPT+'s)."""
+        return _last_half(depth)
+
+    def resolved_tapped_layers(self, depth: int) -> list[int]:
+        return list(self.tapped_layers) if self.tapped_layers is not None else self.default_tapped_layers(depth)
+
+
+@dataclass
+class FPTConfig(SideNetworkConfig):
+    """Fine-grained Prompt Tuning (FPT, MICCAI 2024).
+
+    Preset: every LPM layer tapped, 224 px side input, prompts of width d/8 with an up-projection to d.
+
+    Attributes (besides ``SideNetworkConfig``'s):
+        num_prompts: M, fine-grained prompts per tapped layer.
+        token_ratio: fraction of the LPM's N tokens kept per head (T = int(N * token_ratio)).
+        importance: token importance, "global" (mean attention received) or "cls" (CLS attention).
+        prompt_dropout: dropout on the fused prompts.
+    """
+
+    method: ClassVar[str] = "fpt"
+    cacheable: ClassVar[bool] = True
+
+    side_input_size: int = 224
+    num_prompts: int = 16
+    token_ratio: float = 0.2
+    importance: Importance = "global"
+    prompt_dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "num_prompts")
         if not 0.0 < self.token_ratio <= 1.0:
             raise FPTError(f"token_ratio must be in (0, 1], got {self.token_ratio}")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise FPTError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        _check_probability(self, "prompt_dropout")
         if self.importance not in IMPORTANCE_RULES:
             raise FPTError(f"importance must be one of {IMPORTANCE_RULES}, got '{self.importance}'")
 
     def default_tapped_layers(self, depth: int) -> list[int]:
-        """The preset's tapped layers for an LPM of ``depth`` blocks: all of them."""
+        """Every LPM block."""
         return list(range(depth))
-
-    def resolved_tapped_layers(self, depth: int) -> list[int]:
-        return list(self.tapped_layers) if self.tapped_layers is not None else self.default_tapped_layers(depth)
 
 
 @dataclass
@@ -122,19 +195,20 @@ class FPTPlusConfig(FPTConfig):
 
     def default_tapped_layers(self, depth: int) -> list[int]:
         """The last half of the LPM's blocks."""
-        return list(range(depth // 2, depth))
+        return _last_half(depth)
 
 
 @dataclass
-class SideOnlyConfig(FPTPlusConfig):
+class SideOnlyConfig(SideNetworkConfig):
     """The FPT+ side network alone, without prompts and without the LPM: the control that shows what the
     down-sampled view carries by itself. Sized exactly like FPT+'s side network (the backbone's width,
-    heads, patch size and tapped-layer count); fusion fields are unused.
+    heads, patch size and tapped-layer count); it has no fusion fields.
     """
 
     method: ClassVar[str] = "side-only"
     uses_lpm: ClassVar[bool] = False
-    cacheable: ClassVar[bool] = False
+    # fpt 0.1.0 derived this config from FPT+'s and saved its fusion fields too
+    retired_fields: ClassVar[tuple[str, ...]] = ("num_prompts", "token_ratio", "importance", "prompt_dropout")
 
 
 @dataclass
@@ -142,6 +216,7 @@ class FullFineTuningConfig(MethodConfig):
     """Full fine-tuning: every LPM weight and a new classifier head, trained at the high resolution."""
 
     method: ClassVar[str] = "full"
+    trains_lpm: ClassVar[bool] = True
 
 
 @dataclass
@@ -168,8 +243,7 @@ class VPTDeepConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "num_prompts")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise FPTError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        _check_probability(self, "prompt_dropout")
 
 
 @dataclass
@@ -191,8 +265,7 @@ class LoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(self, "rank")
-        if not 0.0 <= self.dropout < 1.0:
-            raise FPTError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        _check_probability(self, "dropout", "LoRA dropout")
 
 
 @dataclass
@@ -226,10 +299,52 @@ METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
     )
 }
 
+NO_CACHE = "/no-cache"
+# every method, and the cacheable ones once more with their LPM run in every step instead of cached
+METHOD_VARIANTS: tuple[str, ...] = (
+    *METHOD_CONFIGS,
+    *(f"{name}{NO_CACHE}" for name, config in METHOD_CONFIGS.items() if config.cacheable),
+)
 
-def _check_positive(config: MethodConfig, name: str) -> None:
-    if getattr(config, name) < 1:
-        raise FPTError(f"{name} must be a positive integer, got {getattr(config, name)}")
+
+def method_variant(name: str) -> tuple[type[MethodConfig], bool]:
+    """The config class of a ``METHOD_VARIANTS`` name and whether it trains from the feature cache."""
+    if name not in METHOD_VARIANTS:
+        raise FPTError(f"unknown method '{name}'; choose from {', '.join(METHOD_VARIANTS)}")
+    config_class = METHOD_CONFIGS[name.removesuffix(NO_CACHE)]
+    return config_class, config_class.cacheable and not name.endswith(NO_CACHE)
+
+
+def check_method_variants(names: list[str] | tuple[str, ...]) -> None:
+    """Refuse an empty list or a name outside ``METHOD_VARIANTS`` (all unknown names in one message)."""
+    if not names:
+        raise FPTError("give at least one method")
+    unknown = [name for name in names if name not in METHOD_VARIANTS]
+    if unknown:
+        raise FPTError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_VARIANTS)}")
+
+
+def _last_half(depth: int) -> list[int]:
+    return list(range(depth // 2, depth))
+
+
+def _check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise FPTError(f"{name} must be a positive integer, got {getattr(config, name)}")
+
+
+def _check_probability(config: Any, name: str, label: str | None = None) -> None:
+    if not 0.0 <= getattr(config, name) < 1.0:
+        raise FPTError(f"{label or name} must be in [0, 1), got {getattr(config, name)}")
+
+
+def _known_fields(config_class: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` if every key is a field of ``config_class``; unknown keys are refused, never dropped silently."""
+    unknown = sorted(set(data) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise FPTError(f"unknown {what} fields: {', '.join(unknown)}")
+    return data
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
@@ -239,11 +354,8 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     if method not in METHOD_CONFIGS:
         raise FPTError(f"unknown method '{method}'; expected one of {sorted(METHOD_CONFIGS)}")
     config_class = METHOD_CONFIGS[method]
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise FPTError(f"unknown {method} config fields: {', '.join(unknown)}")
-    return config_class(**data)
+    data = {key: value for key, value in data.items() if key not in config_class.retired_fields}
+    return config_class(**_known_fields(config_class, data, f"{method} config"))
 
 
 def load_config(directory: str | Path) -> MethodConfig:
@@ -255,3 +367,124 @@ def load_config(directory: str | Path) -> MethodConfig:
     except json.JSONDecodeError as error:
         raise FPTError(f"{path} is not valid JSON: {error}") from None
     return config_from_dict(data)
+
+
+@dataclass
+class Augmentation:
+    """Training-time augmentation of the side view (FPT) or of the high-resolution view (the baselines): a
+    random resized crop from the original image, a horizontal flip, brightness and contrast jitter."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (0.7, 1.3)
+    hflip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(self.crop_scale)
+        self.crop_ratio = tuple(self.crop_ratio)
+
+
+@dataclass
+class TrainingConfig:
+    """How to train; defaults follow the original work.
+
+    Attributes:
+        epochs, batch_size, lr: schedule length, batch size and peak learning rate.
+        weight_decay, betas: AdamW settings.
+        warmup_epochs: linear warm-up before the per-iteration cosine decay (may be fractional).
+        clip_grad_norm: gradient clipping threshold (None disables it).
+        label_smoothing, balanced_class_weights: cross-entropy options.
+        selection_metric: validation metric that picks the best checkpoint (higher is better).
+        seed: seeds data splits, shuffling, augmentation, initialisation and dropout.
+        device: "auto" (cuda > mps > cpu) or a torch device name.
+        precision: "fp32", or "bf16"/"fp16" autocast on GPUs.
+        num_workers: DataLoader workers (None: one per spare core, at most 4).
+        cache_dir: feature cache directory (preloaded LPM keys/values); None (the default for the API; the
+            command line's is ``fpt-cache``) runs the LPM on the fly and writes nothing.
+        cache_dtype: dtype of cached keys/values.
+        normalization: "backbone" (the LPM's pre-training mean/std) or "auto" (training-set statistics).
+        augmentation: training-time augmentation of the side view (FPT) or of the high-resolution view
+            (the baselines, which train through the LPM).
+        val_fraction, test_fraction: shares moved out of train when a split is missing.
+    """
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 0.0
+    clip_grad_norm: float | None = 1.0
+    label_smoothing: float = 0.0
+    balanced_class_weights: bool = False
+    selection_metric: str = "auc"
+    seed: int = 0
+    device: str = "auto"
+    precision: Precision = "fp32"
+    num_workers: int | None = None
+    cache_dir: str | None = None
+    cache_dtype: str = "float16"
+    normalization: str = "backbone"
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augmentation, dict):
+            self.augmentation = Augmentation(**self.augmentation)
+        self.betas = tuple(self.betas)
+        if self.selection_metric not in METRIC_NAMES:
+            raise FPTError(f"selection metric must be one of {', '.join(METRIC_NAMES)}")
+        if self.precision not in PRECISIONS:
+            raise FPTError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise FPTError("normalization must be 'backbone' or 'auto'")
+        if self.cache_dtype not in CACHE_DTYPE_NAMES:
+            raise FPTError(f"cache dtype '{self.cache_dtype}' is not one of {', '.join(CACHE_DTYPE_NAMES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise FPTError("epochs and batch size must be positive")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise FPTError("learning rate must be positive, weight decay and warm-up not negative")
+        if not 0 <= self.label_smoothing < 1:
+            raise FPTError("label smoothing must be in [0, 1)")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise FPTError("--workers must not be negative")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise FPTError("gradient clipping norm must be positive (0 on the command line disables it)")
+        augmentation = self.augmentation
+        low, high = augmentation.crop_scale
+        if not 0 < low <= high <= 1 or not 0 < augmentation.crop_ratio[0] <= augmentation.crop_ratio[1]:
+            raise FPTError("crop scale must satisfy 0 < A <= B <= 1 and crop ratio 0 < A <= B")
+        if not 0 <= augmentation.hflip <= 1 or augmentation.brightness < 0 or augmentation.contrast < 0:
+            raise FPTError("flip probability must be in [0, 1] and jitter strengths not negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        return cls(**_known_fields(cls, data, "training config"))
+
+
+DEMO_SPLITS = {"train": 240, "val": 60, "test": 160}  # seeds 0-459; the LPM's pre-training used >= 1,000,000
+
+
+@dataclass
+class DemoSettings:
+    """The built-in demo (``fpt demo``): training settings of both methods, examples explained, split sizes."""
+
+    epochs: int = 40
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    examples: int = 4
+    splits: dict[str, int] = field(default_factory=lambda: dict(DEMO_SPLITS))
+
+
+def default_value(config_class: type, name: str) -> Any:
+    """The default of field ``name`` of a config dataclass (for help texts: one source of truth)."""
+    for item in fields(config_class):
+        if item.name == name:
+            return item.default_factory() if callable(item.default_factory) else item.default
+    raise KeyError(name)

@@ -12,7 +12,6 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,32 +19,23 @@ from typing import Any
 import torch
 
 from fpt.bench.memory import measure_training_step
-from fpt.config import FPTPlusConfig, SideOnlyConfig
+from fpt.config import BackboneSpec, DemoSettings, FPTPlusConfig, SideOnlyConfig, TrainingConfig
 from fpt.data.datasets import load_dataset
 from fpt.data.synthetic import GRADE_NAMES, write_dataset
-from fpt.models.backbone import BackboneSpec
-from fpt.models.build import load_model
-from fpt.models.fpt import FPTModel
+from fpt.models.base import TransferModel
+from fpt.models.build import build_model, load_model
 from fpt.predict import predict_images
+from fpt.preload import preload
+from fpt.render import html_page, mib
+from fpt.run import REPORT_FILE, Run
 from fpt.runtime import select_device
-from fpt.train import Run, TrainingConfig, cache_features, model_logits, prepare, train
-
-DEMO_SPLITS = {"train": 240, "val": 60, "test": 160}  # seeds 0-459; the LPM's pre-training used >= 1,000,000
+from fpt.task import prepare
+from fpt.train import train
 
 
 def demo_backbone() -> BackboneSpec:
     """The shipped demo LPM, a timm checkpoint directory loaded like any user's."""
     return BackboneSpec(str(resources.files("fpt") / "assets" / "demo_lpm"))
-
-
-@dataclass
-class DemoSettings:
-    epochs: int = 40
-    lr: float = 1e-3
-    batch_size: int = 16
-    seed: int = 0
-    examples: int = 4
-    splits: dict[str, int] = field(default_factory=lambda: dict(DEMO_SPLITS))
 
 
 def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None = None) -> dict[str, Any]:
@@ -74,7 +64,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
     started = time.perf_counter()
     print("[2/5] preloading the frozen LPM's keys/values (computed once)")
     dataset, model, normalization = prepare(data, fpt_plus, training)
-    summary = cache_features(model, dataset, normalization, training)
+    summary = preload(model, dataset, normalization, training)
     stages["preload"] = time.perf_counter() - started
     print(f"      {stages['preload']:.0f} s ({summary.computed} images computed, {summary.reused} reused)")
     del model
@@ -91,11 +81,11 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
         print(f"      {stages[f'train_{name}']:.0f} s")
         run = Run.load(runs / name)
         results[name] = {
-            "auc": outcome["best"]["auc"],
-            "accuracy": outcome["best"]["accuracy"],
-            "kappa": outcome["best"]["kappa"],
-            "best_epoch": outcome["best_epoch"],
-            "learnable_params": load_model(runs / name / "checkpoints" / "best", load_lpm=False).num_learnable_params(),
+            "auc": outcome.best["auc"],
+            "accuracy": outcome.best["accuracy"],
+            "kappa": outcome.best["kappa"],
+            "best_epoch": outcome.best_epoch,
+            "learnable_params": load_model(run.require_checkpoint("best"), load_lpm=False).num_learnable_params(),
             "training_peak_bytes": training_step_peak_bytes(run),
             "train_seconds": stages[f"train_{name}"],
         }
@@ -117,21 +107,18 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
 
 def training_step_peak_bytes(run: Run) -> int:
     """Peak memory of one training step (batch of the run's size, after warm-up) for a trained run's method."""
-    model = FPTModel.from_config(run.model_config, load_lpm=False)
-    model.train()
+    model = build_model(run.model_config, load_lpm=False).train()
     batch = next(iter(run.loader("train", run.open_cache(), torch.Generator().manual_seed(run.training.seed))))
-    names = [name for name in ("side", "keys", "values") if name in batch]
-    inputs = [batch[name] for name in names] + [batch["label"]]
 
-    def loss(model: FPTModel, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        logits = model_logits(model, dict(zip(names, tensors, strict=False)), torch.device("cpu"))
-        return torch.nn.functional.cross_entropy(logits, tensors[-1])
+    def loss(model: TransferModel, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        *inputs, labels = tensors
+        return torch.nn.functional.cross_entropy(model.logits(batch.with_inputs(inputs)), labels)
 
     def optimizer(parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         training = run.training
         return torch.optim.AdamW(parameters, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay)
 
-    return measure_training_step(model, loss, inputs, optimizer).peak_bytes
+    return measure_training_step(model, loss, [*batch.inputs(), batch.label], optimizer).peak_bytes
 
 
 def comparison_table(record: dict[str, Any]) -> str:
@@ -145,7 +132,7 @@ def comparison_table(record: dict[str, Any]) -> str:
                 f"{r['accuracy']:.3f}",
                 f"{r['kappa']:.3f}",
                 f"{r['learnable_params']:,}",
-                f"{r['training_peak_bytes'] / 2**20:.1f} MiB",
+                mib(r["training_peak_bytes"]),
                 f"{r['train_seconds']:.0f} s",
             )
         )
@@ -177,7 +164,7 @@ def _write_demo_report(output: Path, record: dict[str, Any], examples: list[tupl
 
     rows = "".join(
         f"<tr><th>{name}</th><td>{r['auc']:.3f}</td><td>{r['accuracy']:.3f}</td><td>{r['kappa']:.3f}</td>"
-        f"<td>{r['learnable_params']:,}</td><td>{r['training_peak_bytes'] / 2**20:.1f} MiB</td>"
+        f"<td>{r['learnable_params']:,}</td><td>{mib(r['training_peak_bytes'])}</td>"
         f"<td>{r['train_seconds']:.0f} s</td></tr>"
         for name, r in ((n, record[n]) for n in ("fpt_plus", "side_only"))
     )
@@ -186,22 +173,18 @@ def _write_demo_report(output: Path, record: dict[str, Any], examples: list[tupl
         f"<figcaption>{caption}</figcaption></figure>"
         for image, overlay, caption in examples
     )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>fpt demo</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}figure{{display:inline-block;margin:8px}}</style>
-</head><body><h1>fpt demo: FPT+ vs. its side network alone</h1>
+    body = f"""<h1>fpt demo: FPT+ vs. its side network alone</h1>
 <p>Synthetic 512 px fundus images graded by lesions a few pixels wide. Both methods train the same side
 network on the same 128 px views; FPT+ adds fine-grained prompts that read the frozen LPM at 512 px.
 Test split: {record["data"]["splits"]["test"]} images from seeds never used for training or for the LPM's
 pre-training.</p>
 <table><tr><th>method</th><th>test AUC</th><th>accuracy</th><th>kappa</th><th>learnable</th>
 <th>training peak</th><th>training time</th></tr>{rows}</table>
-<p>Full run reports: <a href="runs/fpt_plus/report.html">FPT+</a>,
-<a href="runs/side_only/report.html">side-only</a>.</p>
+<p>Full run reports: <a href="runs/fpt_plus/{REPORT_FILE}">FPT+</a>,
+<a href="runs/side_only/{REPORT_FILE}">side-only</a>.</p>
 <h2>Where FPT+'s prompts looked (test images)</h2>{figures}
-</body></html>
 """
-    path = output / "report.html"
+    page = html_page("fpt demo", body, extra_style="figure{display:inline-block;margin:8px}")
+    path = output / REPORT_FILE
     path.write_text(page)
     return path

@@ -17,8 +17,6 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-METRIC_NAMES = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "kappa")
-
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
     """Metrics of probabilities [N, K] (softmax outputs, not logits) against labels [N] in 0..K-1.

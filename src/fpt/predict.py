@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from PIL import Image
 from torch import Tensor
 
 from fpt.data.images import load_image
+from fpt.data.loaders import Batch
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
 from fpt.models.build import load_model
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import LPMFeatures
+from fpt.run import Run
 from fpt.runtime import autocast, progress_bar, select_device
-from fpt.train import Run, checkpoint_dir
 
 
 @dataclass
@@ -52,7 +53,7 @@ def save_overlay(image: Tensor, attention: Tensor, path: Path, alpha: float = 0.
     """Blend a [g, g] attention map (upsampled, 'inferno' colours) over an RGB image [3, S, S] in [0, 1]."""
     size = image.shape[-1]
     heat = F.interpolate(attention[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    colours = matplotlib.colormaps["inferno"](heat.clamp(0, 1).numpy())[..., :3]
+    colours = colormaps["inferno"](heat.clamp(0, 1).numpy())[..., :3]
     blended = (1 - alpha) * image.permute(1, 2, 0).numpy() + alpha * colours
     Image.fromarray((blended.clip(0, 1) * 255).astype(np.uint8)).save(path)
 
@@ -72,9 +73,7 @@ def predict_images(
     where the prompts attended.
     """
     run = Run.load(run_dir)
-    directory = checkpoint_dir(run.directory, checkpoint)
-    if directory is None:
-        raise FPTError(f"{run.directory} has no '{checkpoint}' checkpoint yet")
+    directory = run.require_checkpoint(checkpoint)
     target = select_device(device or run.training.device)
     model = load_model(directory).to(target).eval()
     config = model.config
@@ -93,14 +92,13 @@ def predict_images(
         pixels = [load_image(path) for path in chunk]
         lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target) if config.uses_lpm else None
         side_batch = torch.stack([to_side(p) for p in pixels]).to(target) if to_side is not None else None
+        batch = Batch(label=torch.zeros(len(chunk), dtype=torch.long), index=torch.arange(len(chunk)))
         with torch.no_grad(), autocast(target, run.training.precision):
-            if not isinstance(model, FPTModel):
-                logits = model(lpm_batch)
-            elif config.uses_lpm:
+            if explain_dir is None:
+                logits = model.logits(replace(batch, side=side_batch, lpm=lpm_batch))
+            else:  # the LPM's features are needed twice: for the logits and for the attention map
                 features = model.encode(lpm_batch)
-                logits = model(side_batch, features.keys, features.values)
-            else:
-                logits = model(side_batch)
+                logits = model.logits(replace(batch, side=side_batch, keys=features.keys, values=features.values))
             probabilities = logits.float().softmax(dim=-1).cpu()
             attention = prompt_attention_map(model, features, config.lpm_input_size).cpu() if explain_dir else None
         for index, path in enumerate(chunk):
@@ -113,6 +111,12 @@ def predict_images(
             predicted = config.class_names[int(np.argmax(row))]
             predictions.append(Prediction(str(path), row, predicted, str(overlay) if overlay else None))
     return predictions
+
+
+def prediction_rows(run_dir: str | Path, predictions: Sequence[Prediction]) -> list[list[str]]:
+    """A table of ``predictions`` with a header: image, predicted class, then one probability per class."""
+    header = ["image", "predicted", *Run.load(run_dir).dataset.classes]
+    return [header, *([p.path, p.predicted, *(f"{v:.4f}" for v in p.probabilities)] for p in predictions)]
 
 
 def _unique_names(names: list[str]) -> list[str]:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fpt.config import Precision
 from fpt.errors import FPTError
 
 T = TypeVar("T")
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -42,7 +41,16 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Full precision inside an autocast region. Only CUDA's autocast is switched off explicitly: older torch
+    versions reject ``torch.autocast`` on some other devices (mps), where fpt never enables autocast anyway."""
+    if device_type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", enabled=False)
+
+
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (library calls that train say that they do)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

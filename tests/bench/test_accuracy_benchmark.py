@@ -12,13 +12,20 @@ from typing import Any
 import pytest
 
 import fpt.bench.accuracy_benchmark as accuracy_benchmark
-from fpt.bench.accuracy_benchmark import benchmark_accuracy, efficiency_score, format_accuracy_table
-from fpt.bench.memory_benchmark import MiB, full_fine_tuning_params
+from fpt.bench.accuracy_benchmark import (
+    AccuracyBenchmark,
+    AccuracyRow,
+    AccuracySetting,
+    benchmark_accuracy,
+    efficiency_score,
+    format_accuracy_table,
+)
+from fpt.bench.memory_benchmark import MemorySetting, MiB, full_fine_tuning_params
 from fpt.bench.steps import training_step
 from fpt.cli import main
+from fpt.config import TrainingConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec
-from fpt.train import TrainingConfig
 from tests.pipeline_fixtures import LPM_INPUT_SIZE, fast_training, interrupt_at_epoch, read_json
 
 pytest_plugins = ("tests.pipeline_fixtures",)
@@ -43,7 +50,9 @@ def benchmark_training(cache_dir: Path | None, **overrides: Any) -> TrainingConf
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory, image_data: Path, tiny_lpm_dir: Path) -> tuple[Path, dict]:
+def bench(
+    tmp_path_factory: pytest.TempPathFactory, image_data: Path, tiny_lpm_dir: Path
+) -> tuple[Path, AccuracyBenchmark]:
     """``benchmark_accuracy`` of METHODS on the tiny data (read only): its output folder and its result."""
     root = tmp_path_factory.mktemp("bench_accuracy")
     backbone = BackboneSpec(str(tiny_lpm_dir))
@@ -53,35 +62,35 @@ def bench(tmp_path_factory: pytest.TempPathFactory, image_data: Path, tiny_lpm_d
     return root / "out", result
 
 
-def test_benchmark_writes_accuracy_json_and_markdown(bench: tuple[Path, dict], image_data: Path) -> None:
+def test_benchmark_writes_accuracy_json_and_markdown(bench: tuple[Path, AccuracyBenchmark], image_data: Path) -> None:
     out, result = bench
 
-    assert read_json(out / "accuracy.json") == json.loads(json.dumps(result))
+    assert read_json(out / "accuracy.json") == json.loads(json.dumps(result.to_dict()))
     assert (out / "accuracy.md").read_text() == format_accuracy_table(result) + "\n"
-    assert list(result["methods"]) == list(METHODS)
+    assert list(result.methods) == list(METHODS)
     assert sorted(path.name for path in (out / "runs").iterdir()) == sorted(RUN_DIRS.values())
-    setting = result["setting"]
-    assert setting["data"] == str(image_data.resolve())
-    assert setting["lpm_input_size"] == LPM_INPUT_SIZE
-    assert setting["training"]["epochs"] == 1 and setting["training"]["batch_size"] == BATCH_SIZE
+    setting = result.setting
+    assert setting.data == str(image_data.resolve())
+    assert setting.lpm_input_size == LPM_INPUT_SIZE
+    assert setting.training.epochs == 1 and setting.training.batch_size == BATCH_SIZE
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_each_row_holds_its_runs_best_test_metrics(bench: tuple[Path, dict], method: str) -> None:
+def test_each_row_holds_its_runs_best_test_metrics(bench: tuple[Path, AccuracyBenchmark], method: str) -> None:
     out, result = bench
     run_dir = out / "runs" / RUN_DIRS[method]
     results = read_json(run_dir / "results.json")
-    row = result["methods"][method]
+    row = result.methods[method]
 
     assert read_json(run_dir / "run.json")["model"]["method"] == method.removesuffix("/no-cache")
     for metric in ("auc", "accuracy", "kappa"):
-        assert row[metric] == results["best"][metric]
-    assert row["best_epoch"] == results["best_epoch"] == 1
+        assert getattr(row, metric) == results["best"][metric]
+    assert row.best_epoch == results["best_epoch"] == 1
     seconds = [json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert row["train_seconds"] == sum(seconds) > 0
+    assert row.train_seconds == sum(seconds) > 0
 
 
-def test_no_cache_variant_trains_without_the_feature_cache(bench: tuple[Path, dict]) -> None:
+def test_no_cache_variant_trains_without_the_feature_cache(bench: tuple[Path, AccuracyBenchmark]) -> None:
     out, result = bench
     cached = read_json(out / "runs" / "fpt+" / "run.json")
     uncached = read_json(out / "runs" / "fpt+-no-cache" / "run.json")
@@ -91,79 +100,76 @@ def test_no_cache_variant_trains_without_the_feature_cache(bench: tuple[Path, di
     assert cached["cache_fingerprint"] is not None
     assert uncached["training"]["cache_dir"] is None and uncached["cache_fingerprint"] is None
     assert (out.parent / "cache").is_dir()
-    rows = result["methods"]
-    assert rows["fpt+/no-cache"]["learnable_params"] == rows["fpt+"]["learnable_params"]
-    assert rows["fpt+/no-cache"]["peak_bytes"] > rows["fpt+"]["peak_bytes"]  # it runs the LPM in every step
+    rows = result.methods
+    assert rows["fpt+/no-cache"].learnable_params == rows["fpt+"].learnable_params
+    assert rows["fpt+/no-cache"].peak_bytes > rows["fpt+"].peak_bytes  # it runs the LPM in every step
 
 
 def test_full_fine_tuning_is_metered_for_the_ratios_though_not_trained(
-    bench: tuple[Path, dict], tiny_lpm_dir: Path
+    bench: tuple[Path, AccuracyBenchmark], tiny_lpm_dir: Path
 ) -> None:
     out, result = bench
-    memory = result["setting"]["memory"]
+    memory = result.setting.memory
     backbone = BackboneSpec(str(tiny_lpm_dir))
 
-    assert "full" not in result["methods"] and not (out / "runs" / "full").exists()
-    assert (memory["input_size"], memory["batch_size"], memory["num_classes"], memory["device"]) == (64, 4, 3, "cpu")
+    assert "full" not in result.methods and not (out / "runs" / "full").exists()
+    assert (memory.input_size, memory.batch_size, memory.num_classes, memory.device) == (64, 4, 3, "cpu")
     full_params = full_fine_tuning_params(backbone, 3, LPM_INPUT_SIZE)
-    assert memory["full_fine_tuning_params"] == full_params
-    full_peak = result["setting"]["full_fine_tuning_peak_bytes"]
+    assert memory.full_fine_tuning_params == full_params
+    full_peak = result.setting.full_fine_tuning_peak_bytes
     assert isinstance(full_peak, int) and full_peak > 0
-    for method, row in result["methods"].items():
+    for method, row in result.methods.items():
         learnable = training_step(method, backbone, LPM_INPUT_SIZE, BATCH_SIZE, num_classes=3).learnable_params
-        assert row["learnable_params"] == learnable
-        assert row["param_ratio"] == learnable / full_params
-        assert row["peak_meter"] == "measured"  # full was measured too: both peaks on the same meter
-        assert row["memory_ratio"] == row["peak_bytes"] / full_peak
-        assert 0 < row["memory_ratio"] < 1
+        assert row.learnable_params == learnable
+        assert row.param_ratio == learnable / full_params
+        assert row.peak_meter == "measured"  # full was measured too: both peaks on the same meter
+        assert row.memory_ratio == row.peak_bytes / full_peak
+        assert 0 < row.memory_ratio < 1
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_ppe_and_pme_are_the_efficiency_scores_of_the_auc(bench: tuple[Path, dict], method: str) -> None:
-    row = bench[1]["methods"][method]
-    assert row["auc"] is not None
-    assert row["ppe"] == efficiency_score(row["auc"], row["param_ratio"])
-    assert row["pme"] == efficiency_score(row["auc"], row["memory_ratio"])
-    assert row["pme"] < row["ppe"] <= row["auc"]  # a few percent of the parameters, a larger share of the memory
+def test_ppe_and_pme_are_the_efficiency_scores_of_the_auc(bench: tuple[Path, AccuracyBenchmark], method: str) -> None:
+    row = bench[1].methods[method]
+    assert row.auc is not None
+    assert row.ppe == efficiency_score(row.auc, row.param_ratio)
+    assert row.pme == efficiency_score(row.auc, row.memory_ratio)
+    assert row.pme < row.ppe <= row.auc  # a few percent of the parameters, a larger share of the memory
 
 
-def test_markdown_row_shows_the_numbers_of_the_result(bench: tuple[Path, dict]) -> None:
+def test_markdown_row_shows_the_numbers_of_the_result(bench: tuple[Path, AccuracyBenchmark]) -> None:
     out, result = bench
-    row = result["methods"]["linear"]
+    row = result.methods["linear"]
     lines = (out / "accuracy.md").read_text().splitlines()
 
     assert lines[2].startswith("| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME |")
     assert lines[4] == (
-        f"| linear | {row['auc']:.3f} | {row['accuracy']:.3f} | {row['kappa']:.3f} | 195 | "
-        f"{100 * row['param_ratio']:.2f} % | {row['peak_bytes'] / MiB:,.1f} MiB (measured) | "
-        f"{100 * row['memory_ratio']:.2f} % | {row['ppe']:.3f} | {row['pme']:.3f} | {row['train_seconds']:.0f} s |"
+        f"| linear | {row.auc:.3f} | {row.accuracy:.3f} | {row.kappa:.3f} | 195 | "
+        f"{100 * row.param_ratio:.2f} % | {row.peak_bytes / MiB:,.1f} MiB (measured) | "
+        f"{100 * row.memory_ratio:.2f} % | {row.ppe:.3f} | {row.pme:.3f} | {row.train_seconds:.0f} s |"
     )
     assert [line.split(" | ")[0] for line in lines[4:]] == [f"| {m}" for m in METHODS]
 
 
 def test_format_accuracy_table_by_hand() -> None:
-    row = {
-        "auc": None,
-        "accuracy": 0.5,
-        "kappa": 0.25,
-        "learnable_params": 1234567,
-        "param_ratio": 0.0123,
-        "peak_bytes": 3 * MiB,
-        "peak_meter": "simulated",
-        "memory_ratio": None,
-        "ppe": None,
-        "pme": None,
-        "train_seconds": 61.6,
-    }
-    setting = {
-        "data": "/data",
-        "backbone": {"name": "vit"},
-        "lpm_input_size": 512,
-        "training": {"epochs": 20, "lr": 0.0001, "batch_size": 16, "seed": 0},
-        "memory": {"device": "cpu", "machine": "m", "torch": "2"},
-    }
+    row = AccuracyRow(
+        auc=None,
+        accuracy=0.5,
+        kappa=0.25,
+        best_epoch=None,
+        learnable_params=1234567,
+        param_ratio=0.0123,
+        peak_bytes=3 * MiB,
+        peak_meter="simulated",
+        memory_ratio=None,
+        ppe=None,
+        pme=None,
+        train_seconds=61.6,
+    )
+    memory = MemorySetting(BackboneSpec("vit"), 512, 16, 2, "float16", "cpu", "m", "2", 1)
+    training = TrainingConfig(epochs=20, lr=0.0001, batch_size=16, seed=0)
+    setting = AccuracySetting("/data", BackboneSpec("vit"), 512, training, memory, None)
 
-    lines = format_accuracy_table({"setting": setting, "methods": {"lora": row}}).splitlines()
+    lines = format_accuracy_table(AccuracyBenchmark(setting, {"lora": row})).splitlines()
 
     header = "vit at 512 px on /data; 20 epochs, lr 0.0001, batch 16, seed 0; memory: one float32 step on cpu (m)"
     assert lines[0] == header + ", torch 2"
@@ -173,7 +179,11 @@ def test_format_accuracy_table_by_hand() -> None:
 
 
 def test_second_call_reuses_the_finished_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bench: tuple[Path, dict], image_data: Path, tiny_lpm_dir: Path
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bench: tuple[Path, AccuracyBenchmark],
+    image_data: Path,
+    tiny_lpm_dir: Path,
 ) -> None:
     out, first = bench
     shutil.copytree(out, tmp_path / "out")
@@ -190,7 +200,7 @@ def test_second_call_reuses_the_finished_runs(
         image_data, tmp_path / "out", METHODS, BackboneSpec(str(tiny_lpm_dir)), LPM_INPUT_SIZE, training, progress=False
     )
 
-    assert again["methods"] == first["methods"]  # the metrics of the runs and the same (exact) peaks
+    assert again.methods == first.methods  # the metrics of the runs and the same (exact) peaks
     assert (tmp_path / "out" / "accuracy.json").is_file()
     assert not (tmp_path / "unused-cache").exists()
 
@@ -225,10 +235,10 @@ def test_interrupted_run_is_resumed_and_matches_an_uninterrupted_one(
     result = benchmark_accuracy(image_data, tmp_path / "out", ["linear"], backbone, 64, training, progress=False)
 
     assert resumed == [run_dir]
-    row, expected = result["methods"]["linear"], reference["methods"]["linear"]
+    row, expected = result.methods["linear"], reference.methods["linear"]
     for name in ("auc", "accuracy", "kappa", "best_epoch", "learnable_params"):
-        assert row[name] == expected[name]
-    assert read_json(run_dir / "results.json")["best"]["auc"] == row["auc"]
+        assert getattr(row, name) == getattr(expected, name)
+    assert read_json(run_dir / "results.json")["best"]["auc"] == row.auc
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -276,7 +286,7 @@ def test_cli_trains_meters_and_prints_the_table(
 
 
 def test_a_run_trained_with_other_settings_is_not_reused(
-    tmp_path: Path, bench: tuple[Path, dict], image_data: Path, tiny_lpm_dir: Path
+    tmp_path: Path, bench: tuple[Path, AccuracyBenchmark], image_data: Path, tiny_lpm_dir: Path
 ) -> None:
     out, _ = bench
     shutil.copytree(out, tmp_path / "out")
@@ -295,7 +305,7 @@ def test_an_empty_method_list_is_refused(tmp_path: Path, image_data: Path, tiny_
 
 
 def test_runs_trained_on_other_data_are_not_reused(
-    tmp_path: Path, bench: tuple[Path, dict], image_data: Path, tiny_lpm_dir: Path
+    tmp_path: Path, bench: tuple[Path, AccuracyBenchmark], image_data: Path, tiny_lpm_dir: Path
 ) -> None:
     out, _ = bench
     shutil.copytree(out, tmp_path / "out")

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from fpt.bench.memory import live_bytes, measure_training_step, simulate_training_step
-from fpt.bench.steps import STEP_METHODS, training_step
-from fpt.config import FPTPlusConfig
+from fpt.bench.steps import training_step
+from fpt.config import METHOD_VARIANTS, FPTPlusConfig
 from fpt.models.backbone import BackboneSpec, load_backbone
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import LPMGeometry
@@ -79,7 +79,7 @@ KERNEL_WORKSPACE = 2 * MiB
 PATCH16 = BackboneSpec(TINY_ARCH, model_kwargs={**TINY_KWARGS, "img_size": 64, "patch_size": 16})
 
 
-@pytest.mark.parametrize("method", STEP_METHODS)
+@pytest.mark.parametrize("method", METHOD_VARIANTS)
 def test_every_methods_step_is_metered_alike_by_both_meters(method: str) -> None:
     step = training_step(method, PATCH16, input_size=64, batch_size=4, num_classes=3)
     measured = measure_training_step(step.model, step.loss, step.inputs)
@@ -98,7 +98,7 @@ def test_meters_agree_within_two_percent_on_the_vit_b_geometry(method: str) -> N
 
 
 def test_learnable_parameters_per_method(tiny_spec: BackboneSpec) -> None:
-    learnable = {m: training_step(m, tiny_spec, 32, 2, num_classes=3).learnable_params for m in STEP_METHODS}
+    learnable = {m: training_step(m, tiny_spec, 32, 2, num_classes=3).learnable_params for m in METHOD_VARIANTS}
     lpm = load_backbone(tiny_spec, pretrained=False)
     lpm.reset_classifier(3)
     assert learnable["full"] == sum(p.numel() for p in lpm.parameters())

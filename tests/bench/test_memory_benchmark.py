@@ -3,6 +3,7 @@ the meters (both, one, measuring skipped with a note), the sweep CSV, the plots 
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 import fpt.bench.memory_benchmark as memory_benchmark
 from fpt.bench.memory_benchmark import (
     FITS_FRACTION,
+    MemoryBenchmark,
     MiB,
     benchmark_memory,
     format_memory_table,
@@ -55,98 +57,96 @@ def is_png(path: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_result() -> dict[str, Any]:
+def tiny_result() -> MemoryBenchmark:
     """Both meters on every method of METHODS, tiny backbone, 64 px, batch 2, 3 classes, on the CPU."""
     return benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, METHODS, num_classes=NUM_CLASSES, progress=False)
 
 
 def test_setting_records_the_backbone_geometry_device_and_full_fine_tunings_parameters(
-    tiny_result: dict[str, Any],
+    tiny_result: MemoryBenchmark,
 ) -> None:
-    setting = tiny_result["setting"]
-    assert setting["backbone"] == PATCH16.to_dict()
-    assert (setting["input_size"], setting["batch_size"], setting["num_classes"]) == (64, 2, 3)
-    assert setting["device"] == "cpu"
-    assert setting["torch"] == torch.__version__
-    assert f"{os.cpu_count()} cores" in setting["machine"]
-    assert setting["full_fine_tuning_params"] == TINY_FULL_PARAMS == 250_627
-    assert list(tiny_result["methods"]) == list(METHODS)
+    setting = tiny_result.setting
+    assert setting.backbone.to_dict() == PATCH16.to_dict()
+    assert (setting.input_size, setting.batch_size, setting.num_classes) == (64, 2, 3)
+    assert setting.device == "cpu"
+    assert setting.torch == torch.__version__
+    assert f"{os.cpu_count()} cores" in setting.machine
+    assert setting.full_fine_tuning_params == TINY_FULL_PARAMS == 250_627
+    assert list(tiny_result.methods) == list(METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_learnable_parameters_and_ratio_come_from_the_methods_training_step(
-    tiny_result: dict[str, Any], method: str
+    tiny_result: MemoryBenchmark, method: str
 ) -> None:
-    row = tiny_result["methods"][method]
+    row = tiny_result.methods[method]
     expected = training_step(method, PATCH16, INPUT_SIZE, BATCH_SIZE, NUM_CLASSES).learnable_params
-    assert row["method"] == method
-    assert row["learnable_params"] == expected
-    assert row["param_ratio"] == expected / full_fine_tuning_params(PATCH16, NUM_CLASSES, INPUT_SIZE)
+    assert row.method == method
+    assert row.learnable_params == expected
+    assert row.param_ratio == expected / full_fine_tuning_params(PATCH16, NUM_CLASSES, INPUT_SIZE)
 
 
-def test_full_fine_tuning_has_both_ratios_one_and_the_others_learn_less(tiny_result: dict[str, Any]) -> None:
-    rows = tiny_result["methods"]
-    assert rows["full"]["param_ratio"] == 1.0
-    assert rows["full"]["memory_ratio"] == 1.0
-    assert rows["linear"]["learnable_params"] == 64 * NUM_CLASSES + NUM_CLASSES  # the new head only
+def test_full_fine_tuning_has_both_ratios_one_and_the_others_learn_less(tiny_result: MemoryBenchmark) -> None:
+    rows = tiny_result.methods
+    assert rows["full"].param_ratio == 1.0
+    assert rows["full"].memory_ratio == 1.0
+    assert rows["linear"].learnable_params == 64 * NUM_CLASSES + NUM_CLASSES  # the new head only
     for method in METHODS[1:]:
-        assert 0 < rows[method]["param_ratio"] < 0.1
-        assert 0 < rows[method]["memory_ratio"] < 1.0
+        assert 0 < rows[method].param_ratio < 0.1
+        assert 0 < rows[method].memory_ratio < 1.0
     # cached keys/values replace the LPM's forward pass: the step without the cache needs more
-    assert rows["fpt+/no-cache"]["learnable_params"] == rows["fpt+"]["learnable_params"]
-    assert rows["fpt+/no-cache"]["peak_bytes"] > rows["fpt+"]["peak_bytes"]
+    assert rows["fpt+/no-cache"].learnable_params == rows["fpt+"].learnable_params
+    assert rows["fpt+/no-cache"].peak_bytes > rows["fpt+"].peak_bytes
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_both_meters_ran_and_agree_within_kernel_workspace(tiny_result: dict[str, Any], method: str) -> None:
-    row = tiny_result["methods"][method]
-    assert row["peak_meter"] == "measured"
-    assert row["peak_bytes"] == row["measured_peak_bytes"]
-    assert abs(row["measured_peak_bytes"] - row["simulated_peak_bytes"]) <= KERNEL_WORKSPACE
-    assert 0 < row["baseline_bytes"] < row["peak_bytes"]
-    assert row["step_seconds"] > 0
-    assert row["note"] is None
+def test_both_meters_ran_and_agree_within_kernel_workspace(tiny_result: MemoryBenchmark, method: str) -> None:
+    row = tiny_result.methods[method]
+    assert row.peak_meter == "measured"
+    assert row.peak_bytes == row.measured_peak_bytes
+    assert abs(row.measured_peak_bytes - row.simulated_peak_bytes) <= KERNEL_WORKSPACE
+    assert 0 < row.baseline_bytes < row.peak_bytes
+    assert row.step_seconds > 0
+    assert row.note is None
 
 
-def test_memory_ratio_is_the_measured_peak_over_full_fine_tunings(tiny_result: dict[str, Any]) -> None:
-    rows = tiny_result["methods"]
-    full = rows["full"]["measured_peak_bytes"]
+def test_memory_ratio_is_the_measured_peak_over_full_fine_tunings(tiny_result: MemoryBenchmark) -> None:
+    rows = tiny_result.methods
+    full = rows["full"].measured_peak_bytes
     for method in METHODS:
-        assert rows[method]["memory_ratio"] == rows[method]["measured_peak_bytes"] / full
+        assert rows[method].memory_ratio == rows[method].measured_peak_bytes / full
 
 
-def test_simulated_meter_alone_reports_simulated_peaks_and_no_step_time(tiny_result: dict[str, Any]) -> None:
+def test_simulated_meter_alone_reports_simulated_peaks_and_no_step_time(tiny_result: MemoryBenchmark) -> None:
     methods = ["full", "linear", "fpt+"]
     result = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, methods, ["simulated"], num_classes=3, progress=False)
 
-    rows = result["methods"]
+    rows = result.methods
     for method in methods:
         row = rows[method]
-        assert row["measured_peak_bytes"] is None
-        assert row["step_seconds"] is None
-        assert row["peak_meter"] == "simulated"
-        assert row["peak_bytes"] == row["simulated_peak_bytes"]
+        assert row.measured_peak_bytes is None
+        assert row.step_seconds is None
+        assert row.peak_meter == "simulated"
+        assert row.peak_bytes == row.simulated_peak_bytes
         # fake tensors trace the same step however often: the same peak as beside the measured meter
-        assert row["simulated_peak_bytes"] == tiny_result["methods"][method]["simulated_peak_bytes"]
-        assert row["memory_ratio"] == row["simulated_peak_bytes"] / rows["full"]["simulated_peak_bytes"]
-        assert row["note"] is None
+        assert row.simulated_peak_bytes == tiny_result.methods[method].simulated_peak_bytes
+        assert row.memory_ratio == row.simulated_peak_bytes / rows["full"].simulated_peak_bytes
+        assert row.note is None
 
 
-def test_measured_meter_alone_always_runs(tiny_result: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_measured_meter_alone_always_runs(tiny_result: MemoryBenchmark, monkeypatch: pytest.MonkeyPatch) -> None:
     # without a simulated peak there is nothing to compare with the free memory, so nothing is skipped
     monkeypatch.setattr(memory_benchmark, "free_memory_bytes", lambda device: 1)
     result = benchmark_memory(
         PATCH16, INPUT_SIZE, BATCH_SIZE, ["full", "linear"], ["measured"], num_classes=3, progress=False
     )
 
-    for method, row in result["methods"].items():
-        assert row["simulated_peak_bytes"] is None
-        assert row["peak_meter"] == "measured"
-        assert row["peak_bytes"] == row["measured_peak_bytes"] == tiny_result["methods"][method]["measured_peak_bytes"]
-        assert row["note"] is None
-    assert result["methods"]["linear"]["memory_ratio"] == pytest.approx(
-        tiny_result["methods"]["linear"]["memory_ratio"]
-    )
+    for method, row in result.methods.items():
+        assert row.simulated_peak_bytes is None
+        assert row.peak_meter == "measured"
+        assert row.peak_bytes == row.measured_peak_bytes == tiny_result.methods[method].measured_peak_bytes
+        assert row.note is None
+    assert result.methods["linear"].memory_ratio == pytest.approx(tiny_result.methods["linear"].memory_ratio)
 
 
 def test_measuring_is_skipped_with_a_note_where_the_step_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,53 +162,53 @@ def test_measuring_is_skipped_with_a_note_where_the_step_would_not_fit(monkeypat
     result = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, methods, num_classes=NUM_CLASSES, progress=False)
 
     assert asked == [torch.device("cpu")] * len(methods)
-    rows = result["methods"]
+    rows = result.methods
     for method in methods:
         row = rows[method]
-        needed = row["simulated_peak_bytes"]
+        needed = row.simulated_peak_bytes
         assert needed > FITS_FRACTION * free
-        assert row["note"] == f"measured skipped: needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on cpu"
-        assert row["measured_peak_bytes"] is None and row["step_seconds"] is None
-        assert row["peak_meter"] == "simulated"
-        assert row["peak_bytes"] == needed
-        assert row["memory_ratio"] == needed / rows["full"]["simulated_peak_bytes"]
+        assert row.note == f"measured skipped: needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on cpu"
+        assert row.measured_peak_bytes is None and row.step_seconds is None
+        assert row.peak_meter == "simulated"
+        assert row.peak_bytes == needed
+        assert row.memory_ratio == needed / rows["full"].simulated_peak_bytes
 
     table = format_memory_table(result).splitlines()
     for method in methods:
         line = next(line for line in table if line.startswith(f"| {method} |"))
         assert "| skipped* |" in line
-        assert f"| {rows[method]['simulated_peak_bytes'] / MiB:,.1f} |" in line
+        assert f"| {rows[method].simulated_peak_bytes / MiB:,.1f} |" in line
         assert line.endswith("| n/a |")  # no step time
-    assert table[-len(methods) :] == [f"\\* {m}: {rows[m]['note']}" for m in methods]
+    assert table[-len(methods) :] == [f"\\* {m}: {rows[m].note}" for m in methods]
     assert table[-len(methods) - 1] == ""
 
 
 def test_memory_ratios_stay_on_full_fine_tunings_meter_when_only_full_is_skipped(
-    tiny_result: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    tiny_result: MemoryBenchmark, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    full_simulated = tiny_result["methods"]["full"]["simulated_peak_bytes"]
+    full_simulated = tiny_result.methods["full"].simulated_peak_bytes
     free = int(full_simulated / FITS_FRACTION) - 1  # just too little for full fine-tuning, plenty for the rest
     monkeypatch.setattr(memory_benchmark, "free_memory_bytes", lambda device: free)
     methods = ["full", "linear", "fpt+"]
     result = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, methods, num_classes=NUM_CLASSES, progress=False)
 
-    rows = result["methods"]
-    assert rows["full"]["peak_meter"] == "simulated" and rows["full"]["note"].startswith("measured skipped: ")
-    assert rows["full"]["memory_ratio"] == 1.0
+    rows = result.methods
+    assert rows["full"].peak_meter == "simulated" and rows["full"].note.startswith("measured skipped: ")
+    assert rows["full"].memory_ratio == 1.0
     for method in ("linear", "fpt+"):
-        assert rows[method]["peak_meter"] == "measured" and rows[method]["note"] is None
+        assert rows[method].peak_meter == "measured" and rows[method].note is None
         # full has no measured peak, so the ratio compares the simulated peaks of both
-        assert rows[method]["memory_ratio"] == rows[method]["simulated_peak_bytes"] / full_simulated
+        assert rows[method].memory_ratio == rows[method].simulated_peak_bytes / full_simulated
     table = format_memory_table(result).splitlines()
-    assert table[-1] == f"\\* full: {rows['full']['note']}"
+    assert table[-1] == f"\\* full: {rows['full'].note}"
     assert sum("skipped*" in line for line in table) == 1
 
 
 def test_without_full_fine_tuning_there_are_no_memory_ratios() -> None:
     result = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["linear"], ["simulated"], num_classes=3, progress=False)
-    row = result["methods"]["linear"]
-    assert row["memory_ratio"] is None
-    assert row["param_ratio"] == row["learnable_params"] / TINY_FULL_PARAMS  # r needs no full run
+    row = result.methods["linear"]
+    assert row.memory_ratio is None
+    assert row.param_ratio == row.learnable_params / TINY_FULL_PARAMS  # r needs no full run
     assert "| 0.08 % |" in format_memory_table(result) and "| n/a |" in format_memory_table(result)
 
 
@@ -227,23 +227,23 @@ def test_unknown_methods_and_meters_are_refused(options: dict[str, Any], message
     assert message in str(error.value)
 
 
-def test_format_memory_table_lists_every_method_with_its_numbers(tiny_result: dict[str, Any]) -> None:
+def test_format_memory_table_lists_every_method_with_its_numbers(tiny_result: MemoryBenchmark) -> None:
     lines = format_memory_table(tiny_result).splitlines()
-    setting = tiny_result["setting"]
+    setting = tiny_result.setting
     assert lines[0] == (
-        f"vit_tiny_patch16_224, 64 px, batch 2, 3 classes; cpu ({setting['machine']}), torch {torch.__version__}"
+        f"vit_tiny_patch16_224, 64 px, batch 2, 3 classes; cpu ({setting.machine}), torch {torch.__version__}"
     )
     assert lines[2].startswith("| method | learnable params | r | measured peak (MiB) |")
     assert len(lines) == 4 + len(METHODS)  # no skipped meters, no notes
     full, linear = lines[4], lines[5]
-    row = tiny_result["methods"]["full"]
+    row = tiny_result.methods["full"]
     assert full == (
-        f"| full | 250,627 | 100.00 % | {row['measured_peak_bytes'] / MiB:,.1f} | "
-        f"{row['simulated_peak_bytes'] / MiB:,.1f} | 100.00 % | {row['step_seconds']:.2f} |"
+        f"| full | 250,627 | 100.00 % | {row.measured_peak_bytes / MiB:,.1f} | "
+        f"{row.simulated_peak_bytes / MiB:,.1f} | 100.00 % | {row.step_seconds:.2f} |"
     )
-    row = tiny_result["methods"]["linear"]
-    assert linear.startswith(f"| linear | 195 | 0.08 % | {row['measured_peak_bytes'] / MiB:,.1f} |")
-    assert f"| {100 * row['memory_ratio']:.2f} % |" in linear
+    row = tiny_result.methods["linear"]
+    assert linear.startswith(f"| linear | 195 | 0.08 % | {row.measured_peak_bytes / MiB:,.1f} |")
+    assert f"| {100 * row.memory_ratio:.2f} % |" in linear
 
 
 def test_full_fine_tuning_params_counts_the_whole_lpm_and_head_on_the_vit_b_geometry() -> None:
@@ -255,11 +255,11 @@ def test_full_fine_tuning_params_counts_the_whole_lpm_and_head_on_the_vit_b_geom
 def test_param_ratio_on_the_vit_b_geometry_from_the_simulated_meter() -> None:
     backbone = BackboneSpec("vit_base_patch16_384")
     result = benchmark_memory(backbone, 512, 16, ["fpt+"], ["simulated"], progress=False)
-    row = result["methods"]["fpt+"]
-    assert result["setting"]["full_fine_tuning_params"] == 86_094_341
-    assert row["param_ratio"] == row["learnable_params"] / 86_094_341
-    assert 0.005 < row["param_ratio"] < 0.02  # about 1 % of full fine-tuning's parameters
-    assert row["peak_meter"] == "simulated" and row["peak_bytes"] > row["baseline_bytes"] > 0
+    row = result.methods["fpt+"]
+    assert result.setting.full_fine_tuning_params == 86_094_341
+    assert row.param_ratio == row.learnable_params / 86_094_341
+    assert 0.005 < row.param_ratio < 0.02  # about 1 % of full fine-tuning's parameters
+    assert row.peak_meter == "simulated" and row.peak_bytes > row.baseline_bytes > 0
 
 
 def test_free_memory_on_the_cpu_is_the_hosts_available_memory() -> None:
@@ -270,7 +270,7 @@ def test_free_memory_on_the_cpu_is_the_hosts_available_memory() -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep() -> list[dict[str, Any]]:
+def sweep() -> list[MemoryBenchmark]:
     """The simulated meter at 32 and 64 px for full, linear and fpt+ (3 classes)."""
     methods = ["full", "linear", "fpt+"]
     return [
@@ -280,7 +280,7 @@ def sweep() -> list[dict[str, Any]]:
 
 
 def test_sweep_csv_has_one_row_per_input_size_and_method(
-    tmp_path: Path, sweep: list[dict[str, Any]], tiny_result: dict[str, Any]
+    tmp_path: Path, sweep: list[MemoryBenchmark], tiny_result: MemoryBenchmark
 ) -> None:
     path = write_sweep_csv([*sweep, tiny_result], tmp_path / "nested" / "sweep.csv")
 
@@ -290,14 +290,14 @@ def test_sweep_csv_has_one_row_per_input_size_and_method(
     assert rows[0] == ["input_size", "method", "learnable_params", "measured_peak_bytes", "simulated_peak_bytes"]
     expected = [
         [
-            str(result["setting"]["input_size"]),
+            str(result.setting.input_size),
             name,
-            str(row["learnable_params"]),
-            str(row["measured_peak_bytes"] or ""),
-            str(row["simulated_peak_bytes"]),
+            str(row.learnable_params),
+            str(row.measured_peak_bytes or ""),
+            str(row.simulated_peak_bytes),
         ]
         for result in [*sweep, tiny_result]
-        for name, row in result["methods"].items()
+        for name, row in result.methods.items()
     ]
     assert rows[1:] == expected
     assert [row[:2] for row in rows[1:7]] == [[s, m] for s in ("32", "64") for m in ("full", "linear", "fpt+")]
@@ -310,7 +310,7 @@ def test_sweep_csv_has_one_row_per_input_size_and_method(
 
 
 def test_plots_are_written_as_png_files(
-    tmp_path: Path, sweep: list[dict[str, Any]], tiny_result: dict[str, Any]
+    tmp_path: Path, sweep: list[MemoryBenchmark], tiny_result: MemoryBenchmark
 ) -> None:
     bars = plot_memory(tiny_result, tmp_path / "plots" / "memory.png")
     lines = plot_sweep(sweep, tmp_path / "plots" / "sweep.png")
@@ -319,9 +319,9 @@ def test_plots_are_written_as_png_files(
     assert lines == tmp_path / "plots" / "sweep.png" and is_png(lines)
 
 
-def test_bar_plot_leaves_out_methods_without_a_peak(tmp_path: Path, tiny_result: dict[str, Any]) -> None:
-    result = json.loads(json.dumps(tiny_result))
-    result["methods"]["lora"]["peak_bytes"] = None
+def test_bar_plot_leaves_out_methods_without_a_peak(tmp_path: Path, tiny_result: MemoryBenchmark) -> None:
+    result = copy.deepcopy(tiny_result)
+    result.methods["lora"].peak_bytes = None
 
     assert is_png(plot_memory(result, tmp_path / "memory.png"))
 
@@ -453,8 +453,8 @@ def test_cli_refuses_unknown_methods_and_meters_with_usage_error(
 
 def test_measured_meter_runs_where_free_memory_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory_benchmark, "free_memory_bytes", lambda device: None)  # e.g. Windows
-    row = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["linear"], progress=False)["methods"]["linear"]
-    assert row["peak_meter"] == "measured" and row["note"] is None
+    row = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["linear"], progress=False).methods["linear"]
+    assert row.peak_meter == "measured" and row.note is None
 
 
 def test_measured_meter_refuses_devices_whose_memory_it_cannot_read() -> None:

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fpt.config import Augmentation
 from fpt.data.datasets import Sample
 from fpt.data.images import load_image
-from fpt.data.loaders import SampleViews, worker_count
-from fpt.data.transforms import Augmentation, Normalization, dataset_normalization, lpm_view, side_view
+from fpt.data.loaders import SampleViews, dataset_normalization, worker_count
+from fpt.data.transforms import Normalization, lpm_view, side_view
 
 NORM = Normalization((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
 IDENTITY = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

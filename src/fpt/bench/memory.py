@@ -31,8 +31,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-METERS = ("measured", "simulated")
-
 LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -156,7 +154,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 @contextmanager
 def _quiet_profiler() -> Iterator[None]:
     """Silence the profiler's start/stop chatter on stderr (it writes there from C++)."""
-    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    logger = logging.getLogger("torch.profiler")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     stderr = os.dup(2)
     with open(os.devnull, "w") as devnull:
         os.dup2(devnull.fileno(), 2)
@@ -165,3 +165,4 @@ def _quiet_profiler() -> Iterator[None]:
         finally:
             os.dup2(stderr, 2)
             os.close(stderr)
+            logger.setLevel(level)

@@ -17,24 +17,21 @@ import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from fpt.bench.memory import METERS, measure_training_step, simulate_training_step
-from fpt.bench.steps import STEP_METHODS, training_step
-from fpt.config import FullFineTuningConfig
+from fpt.bench.memory import measure_training_step, simulate_training_step
+from fpt.bench.steps import training_step
+from fpt.config import METERS, METHOD_VARIANTS, BackboneSpec, FullFineTuningConfig, check_method_variants
 from fpt.errors import FPTError
-from fpt.models.backbone import BackboneSpec
 from fpt.models.build import build_model
+from fpt.render import MiB, mib, readable_size, save_figure
 from fpt.runtime import progress_bar, select_device
 
 FITS_FRACTION = 0.85  # of the free memory a measured step may need; the rest is the process's own
-MiB = 2**20
+DPI = 120
 
 
 @dataclass
@@ -54,25 +51,58 @@ class MethodMemory:
     note: str | None = None
 
 
+@dataclass
+class MemorySetting:
+    """What every row of one memory benchmark shares."""
+
+    backbone: BackboneSpec
+    input_size: int
+    batch_size: int
+    num_classes: int
+    cache_dtype: str
+    device: str
+    machine: str
+    torch: str
+    full_fine_tuning_params: int
+
+
+SettingT = TypeVar("SettingT")
+RowT = TypeVar("RowT")
+
+
+@dataclass
+class BenchmarkResult(Generic[SettingT, RowT]):
+    """A benchmark's result: the setting every row shares and one row per method, in the order asked."""
+
+    setting: SettingT
+    methods: dict[str, RowT]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"setting": {...}, "methods": {NAME: {...}}}``, as written to JSON."""
+        return asdict(self)
+
+
+class MemoryBenchmark(BenchmarkResult[MemorySetting, MethodMemory]):
+    """``benchmark_memory``'s result (``fpt bench memory --json`` prints its ``to_dict()``)."""
+
+
 def benchmark_memory(
     backbone: BackboneSpec,
     input_size: int,
     batch_size: int,
-    methods: Sequence[str] = STEP_METHODS,
+    methods: Sequence[str] = METHOD_VARIANTS,
     meters: Sequence[str] = METERS,
     device: str = "cpu",
     num_classes: int = 5,
     cache_dtype: torch.dtype = torch.float16,
     *,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Meter one training step of every method; returns ``{"setting": {...}, "methods": {NAME: {...}}}``.
+) -> MemoryBenchmark:
+    """Meter one training step of every method (``METHOD_VARIANTS`` names).
 
     ``cache_dtype`` is the dtype of FPT's cached keys/values; every step runs in float32.
     """
-    unknown = [m for m in methods if m not in STEP_METHODS]
-    if unknown:
-        raise FPTError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(STEP_METHODS)}")
+    check_method_variants(list(methods))
     if not meters or any(m not in METERS for m in meters):
         raise FPTError(f"meters must be among {', '.join(METERS)}")
     if not isinstance(cache_dtype, torch.dtype) or not cache_dtype.is_floating_point:
@@ -90,10 +120,9 @@ def benchmark_memory(
             needed = simulated.peak_bytes if simulated else None
             free = free_memory_bytes(target)
             if needed is not None and free is not None and needed > FITS_FRACTION * free:
-                note = f"measured skipped: needs {_readable(needed)}, {_readable(free)} free on {target}"
+                note = f"measured skipped: needs {readable_size(needed)}, {readable_size(free)} free on {target}"
             else:
-                step.model.to(target)
-                step.inputs = [tensor.to(target) for tensor in step.inputs]
+                step.to(target)
                 measured = measure_training_step(step.model, step.loss, step.inputs)
         chosen = measured or simulated
         rows.append(
@@ -112,25 +141,52 @@ def benchmark_memory(
         )
         del step
     _add_memory_ratios(rows)
-    return {
-        "setting": {
-            "backbone": backbone.to_dict(),
-            "input_size": input_size,
-            "batch_size": batch_size,
-            "num_classes": num_classes,
-            "cache_dtype": str(cache_dtype).removeprefix("torch."),
-            "device": str(target),
-            "machine": machine_description(target),
-            "torch": torch.__version__,
-            "full_fine_tuning_params": full_learnable,
-        },
-        "methods": {row.method: asdict(row) for row in rows},
-    }
+    setting = MemorySetting(
+        backbone=backbone,
+        input_size=input_size,
+        batch_size=batch_size,
+        num_classes=num_classes,
+        cache_dtype=str(cache_dtype).removeprefix("torch."),
+        device=str(target),
+        machine=machine_description(target),
+        torch=torch.__version__,
+        full_fine_tuning_params=full_learnable,
+    )
+    return MemoryBenchmark(setting, {row.method: row for row in rows})
+
+
+def benchmark_memory_sweep(
+    backbone: BackboneSpec, input_sizes: Sequence[int], *args: Any, progress: bool = True, **options: Any
+) -> list[MemoryBenchmark]:
+    """``benchmark_memory`` at every input size (other arguments as for it)."""
+    results = []
+    for size in input_sizes:
+        if progress and len(input_sizes) > 1:
+            print(f"input size {size} px")
+        results.append(benchmark_memory(backbone, size, *args, progress=progress, **options))
+    return results
+
+
+def write_memory_outputs(
+    results: Sequence[MemoryBenchmark], out: str | Path, plot: str | None = None, sweep: bool = False
+) -> list[Path]:
+    """The files ``fpt bench memory`` writes into ``out``: with ``sweep``, ``memory_sweep.csv`` and
+    ``memory_sweep.png``; with ``plot`` (a PNG name), one bar chart per result (``<stem>_<size>px.png`` when
+    there are several)."""
+    out = Path(out)
+    written = []
+    if sweep:
+        written += [write_sweep_csv(results, out / "memory_sweep.csv"), plot_sweep(results, out / "memory_sweep.png")]
+    if plot:
+        for result in results:
+            name = f"{Path(plot).stem}_{result.setting.input_size}px.png" if len(results) > 1 else plot
+            written.append(plot_memory(result, out / name))
+    return written
 
 
 def _add_memory_ratios(rows: list[MethodMemory]) -> None:
     """m per row against full fine-tuning's peak on the same meter (measured if both have it)."""
-    full = next((row for row in rows if row.method == "full"), None)
+    full = next((row for row in rows if row.method == FullFineTuningConfig.method), None)
     if full is None:
         return
     for row in rows:
@@ -173,33 +229,33 @@ def machine_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def format_memory_table(result: dict[str, Any]) -> str:
+def format_memory_table(result: MemoryBenchmark) -> str:
     """A Markdown table of ``benchmark_memory``'s result."""
-    setting = result["setting"]
+    setting = result.setting
     lines = [
-        f"{setting['backbone']['name']}, {setting['input_size']} px, batch {setting['batch_size']}, "
-        f"{setting['num_classes']} classes; {setting['device']} ({setting['machine']}), torch {setting['torch']}",
+        f"{setting.backbone.name}, {setting.input_size} px, batch {setting.batch_size}, "
+        f"{setting.num_classes} classes; {setting.device} ({setting.machine}), torch {setting.torch}",
         "",
         "| method | learnable params | r | measured peak (MiB) | simulated peak (MiB) | m (% of full) | step (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
-    for name, row in result["methods"].items():
-        measured = _mib(row["measured_peak_bytes"]) if row["measured_peak_bytes"] else "n/a"
-        if row["note"]:
+    for name, row in result.methods.items():
+        measured = mib(row.measured_peak_bytes, unit=False) if row.measured_peak_bytes else "n/a"
+        if row.note:
             measured = "skipped*"
-            notes.append(f"\\* {name}: {row['note']}")
-        simulated = _mib(row["simulated_peak_bytes"]) if row["simulated_peak_bytes"] else "n/a"
-        ratio = f"{100 * row['memory_ratio']:.2f} %" if row["memory_ratio"] is not None else "n/a"
-        seconds = f"{row['step_seconds']:.2f}" if row["step_seconds"] is not None else "n/a"
+            notes.append(f"\\* {name}: {row.note}")
+        simulated = mib(row.simulated_peak_bytes, unit=False) if row.simulated_peak_bytes else "n/a"
+        ratio = f"{100 * row.memory_ratio:.2f} %" if row.memory_ratio is not None else "n/a"
+        seconds = f"{row.step_seconds:.2f}" if row.step_seconds is not None else "n/a"
         lines.append(
-            f"| {name} | {row['learnable_params']:,} | {100 * row['param_ratio']:.2f} % | {measured} | "
+            f"| {name} | {row.learnable_params:,} | {100 * row.param_ratio:.2f} % | {measured} | "
             f"{simulated} | {ratio} | {seconds} |"
         )
     return "\n".join(lines + (["", *notes] if notes else []))
 
 
-def write_sweep_csv(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def write_sweep_csv(results: Sequence[MemoryBenchmark], path: str | Path) -> Path:
     """One row per (input size, method): learnable parameters and both meters' peaks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,76 +263,62 @@ def write_sweep_csv(results: Sequence[dict[str, Any]], path: str | Path) -> Path
         writer = csv.writer(handle)
         writer.writerow(["input_size", "method", "learnable_params", "measured_peak_bytes", "simulated_peak_bytes"])
         for result in results:
-            for name, row in result["methods"].items():
+            for name, row in result.methods.items():
                 writer.writerow(
                     [
-                        result["setting"]["input_size"],
+                        result.setting.input_size,
                         name,
-                        row["learnable_params"],
-                        row["measured_peak_bytes"] or "",
-                        row["simulated_peak_bytes"] or "",
+                        row.learnable_params,
+                        row.measured_peak_bytes or "",
+                        row.simulated_peak_bytes or "",
                     ]
                 )
     return path
 
 
-def plot_memory(result: dict[str, Any], path: str | Path) -> Path:
+def plot_memory(result: MemoryBenchmark, path: str | Path) -> Path:
     """A bar chart (log scale) of each method's peak training-step memory."""
-    names = [name for name, row in result["methods"].items() if row["peak_bytes"]]
-    peaks = [result["methods"][name]["peak_bytes"] / MiB for name in names]
-    setting = result["setting"]
-    figure, axis = plt.subplots(figsize=(8, 4))
+    names = [name for name, row in result.methods.items() if row.peak_bytes]
+    peaks = [result.methods[name].peak_bytes / MiB for name in names]
+    setting = result.setting
+    figure = Figure(figsize=(8, 4))
+    axis = figure.subplots()
     axis.barh(names, peaks, color="#4c72b0")
     axis.set_xscale("log")
     axis.invert_yaxis()
     axis.set_xlabel("peak training-step memory (MiB, log scale)")
-    axis.set_title(f"{_backbone_label(setting)}, {setting['input_size']} px, batch {setting['batch_size']}")
+    axis.set_title(f"{_backbone_label(setting)}, {setting.input_size} px, batch {setting.batch_size}")
     axis.set_xlim(right=max(peaks) * 3)  # room for the labels
     for y, peak in enumerate(peaks):
         axis.text(peak, y, f" {peak:,.0f}", va="center", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path, DPI)
 
 
-def plot_sweep(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+def plot_sweep(results: Sequence[MemoryBenchmark], path: str | Path) -> Path:
     """Peak memory against input size, one line per method (measured where run, else simulated)."""
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for name in results[0]["methods"]:
+    figure = Figure(figsize=(8, 5))
+    axis = figure.subplots()
+    for name in results[0].methods:
         points = [
-            (result["setting"]["input_size"], result["methods"][name]["peak_bytes"] / MiB)
+            (result.setting.input_size, result.methods[name].peak_bytes / MiB)
             for result in results
-            if result["methods"][name]["peak_bytes"]
+            if result.methods[name].peak_bytes
         ]
         axis.plot(*zip(*points, strict=True), marker="o", label=name)
-    setting = results[0]["setting"]
+    setting = results[0].setting
+    sizes = [result.setting.input_size for result in results]
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
-    axis.set_xticks([r["setting"]["input_size"] for r in results], [str(r["setting"]["input_size"]) for r in results])
+    axis.set_xticks(sizes, [str(size) for size in sizes])
     axis.set_xlabel("LPM input size (px)")
     axis.set_ylabel("peak training-step memory (MiB)")
-    axis.set_title(f"{_backbone_label(setting)}, batch {setting['batch_size']}")
+    axis.set_title(f"{_backbone_label(setting)}, batch {setting.batch_size}")
     axis.legend(fontsize=8)
     axis.grid(True, which="both", alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path, DPI)
 
 
-def _backbone_label(setting: dict[str, Any]) -> str:
+def _backbone_label(setting: MemorySetting) -> str:
     """The backbone's name, or the folder name of a local checkpoint directory."""
-    name = setting["backbone"]["name"]
+    name = setting.backbone.name
     return Path(name).name if Path(name).is_absolute() else name
-
-
-def _save(figure: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def _readable(size: int) -> str:
-    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / MiB:.1f} MiB"
-
-
-def _mib(size: int) -> str:
-    return f"{size / MiB:,.1f}"

@@ -1,31 +1,108 @@
-"""torch Datasets that turn samples into model inputs: views of the image, or cached LPM features."""
+"""From samples to model inputs: the typed ``Batch`` every model reads, and the torch Dataset that builds it.
+
+A ``Batch`` holds whichever inputs the method needs (the side view, the LPM view, or the LPM's cached
+keys/values) with the labels and sample indices; ``TransferModel.logits(batch)`` is the one way any model
+reads it.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import torch
+import torchvision.transforms.v2 as T
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fpt.data.datasets import Sample
 from fpt.data.images import load_image
-from fpt.data.transforms import ImageTransform
+from fpt.data.transforms import ImageTransform, Normalization
+from fpt.errors import FPTError
+from fpt.runtime import progress_bar
 
-if TYPE_CHECKING:
-    from fpt.cache import FeatureCache
+INPUT_FIELDS = ("side", "lpm", "keys", "values")
+
+
+@dataclass
+class Batch:
+    """Inputs of B samples; a method uses the ones it needs.
+
+    Attributes:
+        label: [B] class indices.
+        index: [B] positions of the samples in their split.
+        side: [B, 3, s, s] down-sampled (side) view.
+        lpm: [B, 3, S, S] high-resolution view (the LPM runs on it).
+        keys, values: [B, L, H, T, d_head] the LPM's preloaded important-token keys/values.
+        error: a sample could not be read (set by ``collate`` in a DataLoader worker, raised by ``to``), so the
+            user sees fpt's own one-line message rather than the worker's traceback.
+    """
+
+    label: Tensor
+    index: Tensor
+    side: Tensor | None = None
+    lpm: Tensor | None = None
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    error: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """The batch on ``device``; raises the ``FPTError`` of a sample that could not be read."""
+        if self.error is not None:
+            raise FPTError(self.error)
+        moved = {name: tensor.to(device, non_blocking=non_blocking) for name, tensor in self._tensors().items()}
+        return replace(self, **moved)
+
+    def pin_memory(self) -> Batch:
+        """Called by a DataLoader with ``pin_memory=True``."""
+        if self.error is not None:
+            return self
+        return replace(self, **{name: tensor.pin_memory() for name, tensor in self._tensors().items()})
+
+    def inputs(self) -> list[Tensor]:
+        """The present model inputs, in ``INPUT_FIELDS`` order (for the memory meters)."""
+        return [getattr(self, name) for name in INPUT_FIELDS if getattr(self, name) is not None]
+
+    def with_inputs(self, tensors: Sequence[Tensor]) -> Batch:
+        """The batch with its present inputs replaced by ``tensors`` (as ordered by ``inputs``)."""
+        present = [name for name in INPUT_FIELDS if getattr(self, name) is not None]
+        return replace(self, **dict(zip(present, tensors, strict=True)))
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+
+
+def collate(items: list[dict]) -> Batch:
+    """A ``Batch`` from ``SampleViews`` items (the DataLoader's ``collate_fn``)."""
+    failed = next((item["error"] for item in items if "error" in item), None)
+    if failed is not None:
+        return Batch(label=torch.empty(0, dtype=torch.long), index=torch.empty(0, dtype=torch.long), error=failed)
+    return Batch(**default_collate(items))
+
+
+class FeatureSource(Protocol):
+    """Where preloaded LPM features come from (``fpt.cache.FeatureCache``)."""
+
+    def get(self, key: str) -> tuple[Tensor, Tensor]:
+        """Keys and values of one image, each [L, H, T, d_head]."""
+        ...
 
 
 class SampleViews(Dataset):
-    """Item i: a dict with ``index`` and ``label``, plus
+    """Item i (collated into a ``Batch`` by ``collate``): ``index`` and ``label``, plus
 
     - ``side`` [3, s, s] when ``side_view`` is given;
     - ``lpm`` [3, S, S] when ``lpm_view`` is given (the LPM runs on the fly);
     - ``keys``/``values`` [L, H, T, d_head] when ``cache`` is given (preloaded features).
 
-    The image is decoded only when a view needs it.
+    The image is decoded only when a view needs it. A sample that cannot be read yields its error message
+    instead, which ``Batch.to`` raises as an ``FPTError``.
     """
 
     def __init__(
@@ -34,7 +111,7 @@ class SampleViews(Dataset):
         samples: Sequence[Sample],
         side_view: ImageTransform | None = None,
         lpm_view: ImageTransform | None = None,
-        cache: FeatureCache | None = None,
+        cache: FeatureSource | None = None,
     ) -> None:
         self.root = Path(root)
         self.samples = list(samples)
@@ -45,18 +122,39 @@ class SampleViews(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor | int]:
+    def __getitem__(self, index: int) -> dict[str, Tensor | int | str]:
         sample = self.samples[index]
-        item: dict[str, Tensor | int] = {"index": index, "label": sample.label}
-        if self.side_view is not None or self.lpm_view is not None:
-            image = load_image(self.root / sample.path)
-            if self.side_view is not None:
-                item["side"] = self.side_view(image)
-            if self.lpm_view is not None:
-                item["lpm"] = self.lpm_view(image)
-        if self.cache is not None:
-            item["keys"], item["values"] = self.cache.get(sample.path)
+        item: dict[str, Tensor | int | str] = {"index": index, "label": sample.label}
+        try:
+            if self.side_view is not None or self.lpm_view is not None:
+                image = load_image(self.root / sample.path)
+                if self.side_view is not None:
+                    item["side"] = self.side_view(image)
+                if self.lpm_view is not None:
+                    item["lpm"] = self.lpm_view(image)
+            if self.cache is not None:
+                item["keys"], item["values"] = self.cache.get(sample.path)
+        except FPTError as error:
+            return {"index": index, "error": str(error)}
         return item
+
+
+def dataset_normalization(paths: Sequence[str], size: int = 224, num_workers: int = 0) -> Normalization:
+    """Per-channel mean and std of the images at ``paths`` (resized to ``size``), for ``--norm auto``."""
+    samples = [Sample(str(path), 0) for path in paths]
+    views = SampleViews(Path(), samples, lpm_view=T.Resize((size, size), antialias=True))
+    loader = DataLoader(views, batch_size=32, num_workers=num_workers, collate_fn=collate)
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for batch in progress_bar(loader, desc="normalisation statistics", unit="batch", leave=False):
+        images = batch.to("cpu").lpm.double()
+        total += images.sum(dim=(0, 2, 3))
+        squares += images.pow(2).sum(dim=(0, 2, 3))
+        count += images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
 
 
 def worker_count(requested: int | None) -> int:

@@ -7,33 +7,15 @@ through the LPM), are augmented at training time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torchvision.transforms.v2 as T
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
-from fpt.data.images import load_image
-from fpt.runtime import progress_bar
+from fpt.config import Augmentation
 
 ImageTransform = Callable[[Tensor], Tensor]
-
-
-@dataclass
-class Augmentation:
-    """Side-view augmentation at training time (random resized crop from the original image, flip, jitter)."""
-
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    crop_ratio: tuple[float, float] = (0.7, 1.3)
-    hflip: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-
-    def __post_init__(self) -> None:
-        self.crop_scale = tuple(self.crop_scale)
-        self.crop_ratio = tuple(self.crop_ratio)
 
 
 @dataclass
@@ -74,30 +56,3 @@ def _view(size: int, normalization: Normalization, augmentation: Augmentation | 
 
 def _normalize(normalization: Normalization) -> T.Normalize:
     return T.Normalize(normalization.mean, normalization.std)
-
-
-class _ResizedImages(Dataset):
-    def __init__(self, paths: Sequence[str], size: int) -> None:
-        self.paths = paths
-        self.resize = T.Resize((size, size), antialias=True)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Tensor:
-        return self.resize(load_image(self.paths[index]))
-
-
-def dataset_normalization(paths: Sequence[str], size: int = 224, num_workers: int = 0) -> Normalization:
-    """Per-channel mean and std of the images at ``paths`` (resized to ``size``), for ``--norm auto``."""
-    loader = DataLoader(_ResizedImages(paths, size), batch_size=32, num_workers=num_workers)
-    total = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    for batch in progress_bar(loader, desc="normalisation statistics", unit="batch", leave=False):
-        total += batch.double().sum(dim=(0, 2, 3))
-        squares += batch.double().pow(2).sum(dim=(0, 2, 3))
-        count += batch.shape[0] * batch.shape[2] * batch.shape[3]
-    mean = total / count
-    std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    return Normalization(tuple(mean.tolist()), tuple(std.tolist()))

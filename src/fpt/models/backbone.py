@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,42 +21,11 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from fpt.config import BackboneSpec, is_local_path
 from fpt.errors import BackboneError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _HF_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-@dataclass
-class BackboneSpec:
-    """What to build as the LPM.
-
-    Attributes:
-        name: a timm model name, optionally with its pretrained tag
-            (``vit_base_patch16_384.orig_in21k_ft_in1k``); a timm Hub model (``hf-hub:timm/...``);
-            a Hugging Face ``ViTModel`` repo id (``google/vit-base-patch16-384``); or a local directory
-            holding a timm or Hugging Face ViT checkpoint (``config.json`` + weights).
-        weights: a local weights file (.safetensors, .pth, .pt, .bin) for the timm architecture ``name``.
-            When given, nothing is downloaded.
-        model_kwargs: extra timm constructor arguments (``depth``, ``embed_dim``, ...), for timm names.
-    """
-
-    name: str
-    weights: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def with_absolute_paths(self) -> BackboneSpec:
-        """The same spec with local paths made absolute, so that saved runs work from any directory."""
-        name = str(Path(self.name).expanduser().resolve()) if _is_local_path(self.name) else self.name
-        weights = str(Path(self.weights).expanduser().resolve()) if self.weights else None
-        return BackboneSpec(name, weights, dict(self.model_kwargs))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
-        return cls(**data)
 
 
 def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> VisionTransformer:
@@ -66,7 +34,7 @@ def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> VisionTransfor
     With ``pretrained=False`` the architecture is built with random weights and nothing is read or
     downloaded except a local directory's ``config.json`` (enough for counting parameters).
     """
-    if _is_local_path(spec.name):
+    if is_local_path(spec.name):
         model = _load_local_directory(Path(spec.name).expanduser(), spec, pretrained)
     elif _HF_REPO_ID.match(spec.name) and not spec.name.startswith("hf-hub:"):
         model = _load_hf_repo(spec.name, spec, pretrained)
@@ -100,10 +68,6 @@ def check_supported(model: nn.Module, name: str) -> None:
                 f"backbone '{name}': block {index} has no timm Attention with a fused qkv projection, "
                 "which FPT reads the keys and values from; use a standard ViT block layout"
             )
-
-
-def _is_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def _create_timm(name: str, spec: BackboneSpec, pretrained: bool, **kwargs: Any) -> nn.Module:

@@ -1,4 +1,5 @@
-"""What every trainable method shares: saving and restoring its trainable weights next to its config."""
+"""What every trainable method shares: logits of a ``Batch``, and saving and restoring its trainable weights next
+to its config."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fpt.config import MethodConfig
+from fpt.data.loaders import Batch
 from fpt.errors import FPTError
+from fpt.models.frozen_encoder import LPMGeometry
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -25,9 +28,34 @@ def check_input_size(option: str, size: int, patch_size: int) -> None:
 
 
 class TransferModel(nn.Module):
-    """A pre-trained LPM adapted to a task; only the parameters with ``requires_grad`` are trained and saved."""
+    """A pre-trained LPM adapted to a task; only the parameters with ``requires_grad`` are trained and saved.
+
+    A method is a config class (``fpt.config``) plus a subclass of this one, registered in
+    ``fpt.models.build.MODEL_CLASSES``; training, evaluation, prediction and the benchmarks only call the
+    methods below.
+    """
 
     config: MethodConfig
+    geometry: LPMGeometry  # of the LPM the model was built for
+
+    @classmethod
+    def from_config(cls, config: MethodConfig, load_lpm: bool = True, pretrained_lpm: bool = True) -> TransferModel:
+        """Build the model of ``config``.
+
+        Args:
+            load_lpm: hold the frozen LPM; False (for methods that train from cached features) reads only its
+                geometry. Methods that train through the LPM always hold it.
+            pretrained_lpm: load the LPM's pre-trained weights; False keeps a random init (for counting).
+        """
+        raise NotImplementedError
+
+    def logits(self, batch: Batch) -> Tensor:
+        """Logits [B, num_classes] of a batch (on the model's device) holding the inputs the method reads."""
+        raise NotImplementedError
+
+    def frozen_params(self) -> tuple[int, int]:
+        """Frozen parameters held (the LPM's), and the same without the LPM's own classifier head."""
+        raise NotImplementedError
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained parameters, keyed as in ``state_dict()``."""

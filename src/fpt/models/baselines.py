@@ -9,18 +9,20 @@ their LPM is trained through), so the training loop augments that view as it aug
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from fpt.config import AdapterConfig, FullFineTuningConfig, LoRAConfig, MethodConfig, VPTDeepConfig
+from fpt.config import AdapterConfig, LoRAConfig, MethodConfig, VPTDeepConfig
+from fpt.data.loaders import Batch
 from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
 from fpt.models.base import TransferModel, check_input_size
-
-BASELINE_METHODS = ("full", "linear", "vpt-deep", "lora", "adapter")
+from fpt.models.frozen_encoder import LPMGeometry
 
 
 class LoRALinear(nn.Module):
@@ -66,7 +68,7 @@ class MLPWithAdapter(nn.Module):
 
 
 class BaselineViT(TransferModel):
-    """The LPM with a new head, adapted by one of ``BASELINE_METHODS`` (chosen by the config's type).
+    """The LPM with a new head, adapted by one of ``BASELINE_METHODS`` (chosen by the config's method).
 
     Args:
         config: a baseline method's config.
@@ -77,33 +79,19 @@ class BaselineViT(TransferModel):
         super().__init__()
         if config.method not in BASELINE_METHODS:
             raise FPTError(f"'{config.method}' is not a baseline; expected one of {', '.join(BASELINE_METHODS)}")
-        patch_size = backbone.patch_embed.patch_size[0]
-        check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, patch_size)
+        self.geometry = LPMGeometry.from_model(backbone)
+        check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, self.geometry.patch_size)
         self.config = config
-        backbone.requires_grad_(isinstance(config, FullFineTuningConfig))
+        backbone.requires_grad_(config.trains_lpm)
         backbone.reset_classifier(config.num_classes)  # new, trainable
         self.backbone = backbone
         self.prompts: nn.Parameter | None = None
-        if isinstance(config, LoRAConfig):
-            for block in backbone.blocks:
-                block.attn.qkv = LoRALinear(block.attn.qkv, config.rank, config.alpha, config.dropout)
-        elif isinstance(config, AdapterConfig):
-            for block in backbone.blocks:
-                block.mlp = MLPWithAdapter(block.mlp, backbone.embed_dim, config.bottleneck_dim)
-        elif isinstance(config, VPTDeepConfig):
-            depth, dim = len(backbone.blocks), backbone.embed_dim
-            weight = backbone.patch_embed.proj.weight
-            self.prompts = nn.Parameter(
-                torch.empty(depth, config.num_prompts, dim, device=weight.device, dtype=weight.dtype)
-            )
-            patch_area = math.prod(backbone.patch_embed.patch_size)
-            bound = math.sqrt(6.0 / (3 * patch_area + dim))  # VPT's Xavier-uniform over a patch
-            nn.init.uniform_(self.prompts, -bound, bound)
-            self.prompt_dropout = nn.Dropout(config.prompt_dropout)
+        BASELINE_METHODS[config.method](self, config)
 
     @classmethod
-    def from_config(cls, config: MethodConfig, pretrained_lpm: bool = True) -> BaselineViT:
-        """The baseline of ``config``, with the LPM's pre-trained weights unless ``pretrained_lpm`` is False."""
+    def from_config(cls, config: MethodConfig, load_lpm: bool = True, pretrained_lpm: bool = True) -> BaselineViT:
+        """The baseline of ``config`` (always with its LPM, which it trains through), with the LPM's pre-trained
+        weights unless ``pretrained_lpm`` is False."""
         return cls(config, load_backbone(config.backbone, pretrained=pretrained_lpm))
 
     def forward(self, images: Tensor) -> Tensor:
@@ -111,6 +99,13 @@ class BaselineViT(TransferModel):
         if self.prompts is None:
             return self.backbone(images)
         return self.backbone.forward_head(self.backbone.norm(self._blocks_with_prompts(images)))
+
+    def logits(self, batch: Batch) -> Tensor:
+        return self(batch.lpm)
+
+    def frozen_params(self) -> tuple[int, int]:
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return frozen, frozen
 
     def _blocks_with_prompts(self, images: Tensor) -> Tensor:
         """VPT-deep: block i reads [prefix tokens, prompts_i, patch tokens]; its prompt outputs are replaced by
@@ -124,3 +119,38 @@ class BaselineViT(TransferModel):
             x = block(torch.cat([x[:, :prefix], prompts, patches], dim=1))
             patches = x[:, prefix + num_prompts :]
         return torch.cat([x[:, :prefix], patches], dim=1)
+
+
+def _add_lora(model: BaselineViT, config: LoRAConfig) -> None:
+    for block in model.backbone.blocks:
+        block.attn.qkv = LoRALinear(block.attn.qkv, config.rank, config.alpha, config.dropout)
+
+
+def _add_adapters(model: BaselineViT, config: AdapterConfig) -> None:
+    for block in model.backbone.blocks:
+        block.mlp = MLPWithAdapter(block.mlp, model.backbone.embed_dim, config.bottleneck_dim)
+
+
+def _add_deep_prompts(model: BaselineViT, config: VPTDeepConfig) -> None:
+    backbone = model.backbone
+    depth, dim = len(backbone.blocks), backbone.embed_dim
+    weight = backbone.patch_embed.proj.weight
+    model.prompts = nn.Parameter(torch.empty(depth, config.num_prompts, dim, device=weight.device, dtype=weight.dtype))
+    patch_area = math.prod(backbone.patch_embed.patch_size)
+    bound = math.sqrt(6.0 / (3 * patch_area + dim))  # VPT's Xavier-uniform over a patch
+    nn.init.uniform_(model.prompts, -bound, bound)
+    model.prompt_dropout = nn.Dropout(config.prompt_dropout)
+
+
+def _head_only(model: BaselineViT, config: MethodConfig) -> None:
+    """Full fine-tuning and linear probing add nothing: the new head (and, for full, every weight) is trained."""
+
+
+# each baseline method and how it adapts the LPM (after the new head; the pre-trained weights frozen unless full)
+BASELINE_METHODS: dict[str, Callable[[BaselineViT, Any], None]] = {
+    "full": _head_only,
+    "linear": _head_only,
+    "vpt-deep": _add_deep_prompts,
+    "lora": _add_lora,
+    "adapter": _add_adapters,
+}

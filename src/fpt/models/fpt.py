@@ -1,4 +1,5 @@
-"""FPT / FPT+ models: a frozen LPM, a fusion module with fine-grained prompts, and a side ViT."""
+"""FPT / FPT+ models (a frozen LPM, a fusion module with fine-grained prompts, and a side ViT), and the
+side-only control (the same side ViT without prompts or LPM)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fpt.config import FPTConfig
+from fpt.config import FPTConfig, SideNetworkConfig
+from fpt.data.loaders import Batch
 from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
 from fpt.models.base import TransferModel, check_input_size
@@ -16,6 +18,37 @@ from fpt.models.fusion import FPTFusion, FPTPlusFusion, PromptFusion
 from fpt.models.side_vit import SideViT
 
 FUSION_MODULES: dict[str, type[PromptFusion]] = {"fpt": FPTFusion, "fpt+": FPTPlusFusion}
+
+
+def side_network_layers(config: SideNetworkConfig, geometry: LPMGeometry) -> list[int]:
+    """The tapped layers of ``config`` resolved against the LPM, after checking that its side network fits it."""
+    tapped_layers = config.resolved_tapped_layers(geometry.depth)
+    validate_tapped_layers(tapped_layers, geometry.depth)
+    if geometry.embed_dim % config.side_width_divisor:
+        raise FPTError(
+            f"LPM width {geometry.embed_dim} is not divisible by side_width_divisor {config.side_width_divisor}"
+        )
+    check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, geometry.patch_size)
+    check_input_size("side_input_size (--side-input-size)", config.side_input_size, geometry.patch_size)
+    return tapped_layers
+
+
+def side_vit(config: SideNetworkConfig, geometry: LPMGeometry, depth: int) -> SideViT:
+    """The side ViT of ``config``: width d / side_width_divisor, the LPM's heads and patch size, ``depth`` blocks."""
+    return SideViT(
+        img_size=config.side_input_size,
+        patch_size=geometry.patch_size,
+        embed_dim=geometry.embed_dim // config.side_width_divisor,
+        depth=depth,
+        num_heads=geometry.num_heads,
+        num_classes=config.num_classes,
+    )
+
+
+def _geometry_of(config: SideNetworkConfig) -> LPMGeometry:
+    """The LPM's shape facts, read on the meta device (nothing is loaded or allocated)."""
+    with torch.device("meta"):
+        return LPMGeometry.from_model(load_backbone(config.backbone, pretrained=False))
 
 
 class FPTModel(TransferModel):
@@ -30,56 +63,33 @@ class FPTModel(TransferModel):
 
     def __init__(self, config: FPTConfig, geometry: LPMGeometry, encoder: FrozenEncoder | None = None) -> None:
         super().__init__()
-        tapped_layers = config.resolved_tapped_layers(geometry.depth)
-        validate_tapped_layers(tapped_layers, geometry.depth)
-        if geometry.embed_dim % config.side_width_divisor:
-            raise FPTError(
-                f"LPM width {geometry.embed_dim} is not divisible by side_width_divisor {config.side_width_divisor}"
-            )
-        check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, geometry.patch_size)
-        check_input_size("side_input_size (--side-input-size)", config.side_input_size, geometry.patch_size)
-        side_dim = geometry.embed_dim // config.side_width_divisor
+        tapped_layers = side_network_layers(config, geometry)
         self.config = replace(config, tapped_layers=tapped_layers)
         self.geometry = geometry
-        self.fusion = (
-            FUSION_MODULES[config.method](
-                num_layers=len(tapped_layers),
-                num_prompts=config.num_prompts,
-                lpm_dim=geometry.embed_dim,
-                num_heads=geometry.num_heads,
-                side_dim=side_dim,
-                dropout=config.prompt_dropout,
-            )
-            if config.uses_lpm
-            else None
-        )
-        self.side = SideViT(
-            img_size=config.side_input_size,
-            patch_size=geometry.patch_size,
-            embed_dim=side_dim,
-            depth=len(tapped_layers),
+        self.fusion = FUSION_MODULES[config.method](
+            num_layers=len(tapped_layers),
+            num_prompts=config.num_prompts,
+            lpm_dim=geometry.embed_dim,
             num_heads=geometry.num_heads,
-            num_classes=config.num_classes,
+            side_dim=geometry.embed_dim // config.side_width_divisor,
+            dropout=config.prompt_dropout,
         )
+        self.side = side_vit(config, geometry, depth=len(tapped_layers))
         self.encoder = encoder
 
     @classmethod
     def from_config(cls, config: FPTConfig, load_lpm: bool = True, pretrained_lpm: bool = True) -> FPTModel:
-        """Build the model of ``config``.
-
-        Args:
-            load_lpm: build the frozen LPM; False reads only its geometry (for training from a cache).
-            pretrained_lpm: load the LPM's pre-trained weights; False keeps a random init (for counting).
-        """
-        if not load_lpm or not config.uses_lpm:
-            with torch.device("meta"):
-                geometry = LPMGeometry.from_model(load_backbone(config.backbone, pretrained=False))
-            return cls(config, geometry)
+        if not load_lpm:
+            return cls(config, _geometry_of(config))
         backbone = load_backbone(config.backbone, pretrained=pretrained_lpm)
         geometry = LPMGeometry.from_model(backbone)
         tapped_layers = config.resolved_tapped_layers(geometry.depth)
         encoder = FrozenEncoder(backbone, tapped_layers, config.token_ratio, config.importance)
         return cls(config, geometry, encoder)
+
+    def drop_lpm(self) -> None:
+        """Release the frozen LPM: from here on the model reads cached keys/values only."""
+        self.encoder = None
 
     def encode(self, lpm_images: Tensor) -> LPMFeatures:
         """Run the frozen LPM: high-resolution images [B, C, S, S] -> keys/values [B, L, H, T, d_head]."""
@@ -87,20 +97,62 @@ class FPTModel(TransferModel):
             raise FPTError("this model was built without its LPM (load_lpm=False); it can only use cached features")
         return self.encoder(lpm_images)
 
-    def forward(self, side_images: Tensor, keys: Tensor | None = None, values: Tensor | None = None) -> Tensor:
-        """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] -> logits [B, num_classes].
-
-        The side-only control takes no keys/values.
-        """
-        if self.fusion is None:
-            return self.side(side_images)
-        if keys is None or values is None:
-            raise FPTError(f"{self.config.method} needs the LPM's keys and values")
+    def forward(self, side_images: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] -> logits [B, num_classes]."""
         return self.side(side_images, self.fusion(keys, values))
 
     def forward_images(self, lpm_images: Tensor, side_images: Tensor) -> Tensor:
         """Logits [B, num_classes] straight from the two views, running the LPM on the fly."""
-        if self.fusion is None:
-            return self.side(side_images)
         features = self.encode(lpm_images)
         return self(side_images, features.keys, features.values)
+
+    def logits(self, batch: Batch) -> Tensor:
+        """From the cached keys/values when the batch has them, else by running the LPM on its ``lpm`` view."""
+        if batch.keys is not None and batch.values is not None:
+            return self(batch.side, batch.keys, batch.values)
+        if batch.lpm is None:
+            raise FPTError(f"{self.config.method} needs the LPM's keys and values, or the high-resolution view")
+        return self.forward_images(batch.lpm, batch.side)
+
+    def frozen_params(self) -> tuple[int, int]:
+        if self.encoder is None:
+            raise FPTError(
+                f"this {self.config.method} model was built without its LPM (load_lpm=False), so its frozen "
+                f"parameters are unknown ({self.num_learnable_params():,} learnable)"
+            )
+        lpm = self.encoder.model
+        frozen = sum(p.numel() for p in lpm.parameters())
+        return frozen, frozen - sum(p.numel() for p in lpm.get_classifier().parameters())
+
+
+class SideOnlyModel(TransferModel):
+    """The side-only control: FPT+'s side ViT alone on the down-sampled view, with no prompts and no LPM.
+
+    Args:
+        config: its config; the side network is sized from the LPM's geometry exactly as FPT+'s is.
+        geometry: the LPM's width, heads, depth and patch size (the LPM itself is never loaded).
+    """
+
+    def __init__(self, config: SideNetworkConfig, geometry: LPMGeometry) -> None:
+        super().__init__()
+        tapped_layers = side_network_layers(config, geometry)
+        self.config = replace(config, tapped_layers=tapped_layers)
+        self.side = side_vit(config, geometry, depth=len(tapped_layers))
+        self.geometry = geometry
+
+    @classmethod
+    def from_config(
+        cls, config: SideNetworkConfig, load_lpm: bool = True, pretrained_lpm: bool = True
+    ) -> SideOnlyModel:
+        """Only the LPM's geometry is read, whatever ``load_lpm`` and ``pretrained_lpm`` say."""
+        return cls(config, _geometry_of(config))
+
+    def forward(self, side_images: Tensor) -> Tensor:
+        """side_images [B, C, s, s] -> logits [B, num_classes]."""
+        return self.side(side_images)
+
+    def logits(self, batch: Batch) -> Tensor:
+        return self(batch.side)
+
+    def frozen_params(self) -> tuple[int, int]:
+        return 0, 0

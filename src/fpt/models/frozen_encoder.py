@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from fpt.config import IMPORTANCE_RULES, Importance
 from fpt.errors import FPTError
-
-Importance = Literal["global", "cls"]
-IMPORTANCE_RULES: tuple[str, ...] = ("global", "cls")
+from fpt.runtime import without_autocast
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ def received_attention(q: Tensor, k: Tensor, scale: float, rule: Importance, que
     averaged over all queries) and "cls" is ``A[:, :, 0]`` (the attention the CLS query pays it). The rows
     of ``A`` are computed ``query_chunk`` at a time so that memory stays ``O(chunk · N)``, not ``O(N²)``.
     """
-    with torch.autocast(q.device.type, enabled=False):  # scores in float32 even under mixed precision
+    with without_autocast(q.device.type):  # scores in float32 even under mixed precision
         k_t = k.float().transpose(-2, -1)
         if rule == "cls":
             return torch.softmax((q[:, :, :1].float() @ k_t) * scale, dim=-1)[:, :, 0]

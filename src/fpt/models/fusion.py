@@ -8,7 +8,6 @@ Shapes: L tapped layers, M prompts, d the LPM width, H its heads, d_side the sid
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fpt.errors import FPTError
+from fpt.runtime import without_autocast
 
 
 class PromptFusion(nn.Module, ABC):
@@ -130,7 +130,7 @@ class PromptCrossAttention(torch.autograd.Function):
         batch, num_layers, num_heads, _, head_dim = keys.shape
         num_prompts = queries.shape[2]
         dtype = torch.promote_types(queries.dtype, torch.float32)
-        with _without_autocast(keys.device):
+        with without_autocast(keys.device.type):
             scaled = queries.to(dtype) * head_dim**-0.5
             output = keys.new_empty((batch, num_layers, num_prompts, num_heads, head_dim), dtype=dtype)
             log_sum_exp = keys.new_empty((batch, num_layers, num_heads, num_prompts), dtype=dtype)
@@ -149,7 +149,7 @@ class PromptCrossAttention(torch.autograd.Function):
         batch, num_layers, num_heads, _, head_dim = keys.shape
         num_prompts = queries.shape[2]
         scale, dtype = head_dim**-0.5, log_sum_exp.dtype
-        with _without_autocast(keys.device):
+        with without_autocast(keys.device.type):
             scaled = queries.to(dtype) * scale
             grad_output = grad_output.to(dtype).reshape(batch, num_layers, num_prompts, num_heads, head_dim)
             grad_queries = torch.empty(queries.shape, dtype=dtype, device=queries.device)
@@ -162,8 +162,3 @@ class PromptCrossAttention(torch.autograd.Function):
                 )
                 grad_queries[layer] = (grad_scores @ layer_keys).sum(dim=0) * scale
         return grad_queries.to(queries.dtype), None, None
-
-
-def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off on CUDA, the only device where training turns it on (older torch rejects the others)."""
-    return torch.autocast("cuda", enabled=False) if device.type == "cuda" else contextlib.nullcontext()

@@ -1,0 +1,48 @@
+"""A training task: the dataset, the model sized for its classes, and the input normalisation.
+
+``prepare`` is the one place that turns a data path and the two configs into these; training, preloading and
+the demo all start from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fpt.config import MethodConfig, TrainingConfig
+from fpt.data.datasets import ImageDataset, load_dataset
+from fpt.data.loaders import dataset_normalization, worker_count
+from fpt.data.transforms import Normalization
+from fpt.models.backbone import backbone_mean_std, load_backbone
+from fpt.models.base import TransferModel
+from fpt.models.build import build_model
+from fpt.runtime import seed_everything
+
+
+class Task(NamedTuple):
+    dataset: ImageDataset
+    model: TransferModel
+    normalization: Normalization
+
+
+def prepare(data: str | Path, model_config: MethodConfig, training: TrainingConfig, progress: bool = True) -> Task:
+    """Load the dataset, build the model for its classes (LPM included) and choose the normalisation.
+
+    Seeds the global random generators with ``training.seed`` first (the model's initialisation depends on it).
+    """
+    seed_everything(training.seed)
+    dataset = load_dataset(data, training.val_fraction, training.test_fraction, training.seed)
+    if dataset.ignored_summary() and progress:
+        print(dataset.ignored_summary())
+    config = replace(model_config, num_classes=len(dataset.classes), class_names=dataset.classes)
+    model = build_model(config)
+    if training.normalization == "auto":
+        train_paths = [str(dataset.root / s.path) for s in dataset.splits["train"]]
+        normalization = dataset_normalization(train_paths, num_workers=worker_count(training.num_workers))
+    else:
+        with torch.device("meta"):  # only the pre-training statistics are read
+            normalization = Normalization(*backbone_mean_std(load_backbone(config.backbone, pretrained=False)))
+    return Task(dataset, model, normalization)

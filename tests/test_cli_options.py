@@ -1,0 +1,88 @@
+"""Command-line options against the configs: an option the method has no field for is an error, help texts show
+the dataclasses' defaults, the cache default belongs to the command line, and the debug escape hatch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fpt.cli import DEFAULT_CACHE, build_parser, config_from_args, main, training_config_from_args
+from fpt.config import SideOnlyConfig, TrainingConfig, config_from_dict, default_value
+from fpt.errors import FPTError
+from tests.pipeline_fixtures import one_line_error
+
+pytest_plugins = ("tests.pipeline_fixtures",)
+
+
+@pytest.mark.parametrize("option", [["--num-prompts", "99"], ["--token-ratio", "0.5"], ["--importance", "cls"]])
+def test_side_only_refuses_the_fusion_options_it_has_no_field_for(capsys: pytest.CaptureFixture, option) -> None:
+    args = build_parser().parse_args(["train", "data", "--run", "r", "--method", "side-only", *option])
+    with pytest.raises(FPTError, match=f"--method side-only has no {option[0]}; drop the option"):
+        config_from_args(args)
+    assert main(["info", "--method", "side-only", "--num-classes", "2", *option]) == 1
+    assert f"--method side-only has no {option[0]}" in one_line_error(capsys)
+
+
+def test_side_only_takes_its_side_network_options() -> None:
+    args = build_parser().parse_args(["train", "d", "--run", "r", "--method", "side-only", "--side-input-size", "64"])
+    config = config_from_args(args)
+    assert isinstance(config, SideOnlyConfig) and config.side_input_size == 64
+    assert not hasattr(config, "num_prompts") and not hasattr(config, "token_ratio")
+
+
+def test_a_side_only_config_written_with_fusion_fields_still_loads() -> None:
+    saved = {"method": "side-only", "backbone": {"name": "x"}, "num_classes": 2, "num_prompts": 16}
+    saved |= {"token_ratio": 0.2, "importance": "global", "prompt_dropout": 0.5, "side_input_size": 128}
+    assert config_from_dict(saved) == SideOnlyConfig(backbone="x", num_classes=2)
+    with pytest.raises(FPTError, match="unknown side-only config fields: rank"):
+        config_from_dict({**saved, "rank": 4})
+
+
+def test_help_texts_show_the_defaults_of_the_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {default_value(TrainingConfig, 'epochs')})" in text
+    assert f"peak learning rate (default: {default_value(TrainingConfig, 'lr'):g})" in text
+    assert "prompts per tapped layer (preset: 16) or per block (vpt-deep: 10)" in text
+    assert f"feature cache directory (default: {DEFAULT_CACHE})" in text
+
+
+def test_the_api_caches_only_when_asked_while_the_command_line_caches_by_default() -> None:
+    assert TrainingConfig().cache_dir is None
+    parse = build_parser().parse_args
+    assert training_config_from_args(parse(["train", "d", "--run", "r"])).cache_dir == DEFAULT_CACHE
+    assert training_config_from_args(parse(["train", "d", "--run", "r", "--cache", "c"])).cache_dir == "c"
+    assert training_config_from_args(parse(["train", "d", "--run", "r", "--no-cache"])).cache_dir is None
+
+
+def test_a_training_config_with_unknown_fields_is_refused() -> None:
+    recorded = TrainingConfig(epochs=3).to_dict()
+    assert TrainingConfig.from_dict(recorded) == TrainingConfig(epochs=3)
+    with pytest.raises(FPTError, match="unknown training config fields: warmup_steps"):
+        TrainingConfig.from_dict({**recorded, "warmup_steps": 5})
+
+
+def test_debug_escape_hatch_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    command = ["evaluate", str(tmp_path)]
+    assert main(command) == 1
+    assert "is not a training run" in one_line_error(capsys)
+    with pytest.raises(FPTError, match="is not a training run"):
+        main(["--traceback", *command])
+    monkeypatch.setenv("FPT_DEBUG", "1")
+    with pytest.raises(FPTError, match="is not a training run"):
+        main(command)
+    monkeypatch.setenv("FPT_DEBUG", "0")
+    assert main(command) == 1
+
+
+def test_info_json_of_every_method_is_valid(capsys: pytest.CaptureFixture[str], tiny_lpm_dir: Path) -> None:
+    for method in ("fpt+", "fpt", "side-only", "linear", "lora"):
+        args = ["info", "--backbone", str(tiny_lpm_dir), "--method", method, "--num-classes", "3"]
+        assert main([*args, "--input-size", "64", "--json"]) == 0, method
+        info = json.loads(capsys.readouterr().out)
+        assert info["method"] == method and info["learnable_params"] > 0

@@ -1,0 +1,82 @@
+"""The method contract, for every method and variant: build -> logits of a batch -> save_pretrained -> load_model
+-> the same logits. A method is a config class plus a model class; nothing else dispatches on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fpt
+from fpt.config import METHOD_CONFIGS, METHOD_VARIANTS, BackboneSpec, method_variant
+from fpt.data.loaders import Batch
+from fpt.models.base import TransferModel
+from fpt.models.build import MODEL_CLASSES, build_model, load_model
+from fpt.models.frozen_encoder import num_important_tokens
+
+LPM_SIZE, SIDE_SIZE, BATCH, CLASSES = 32, 16, 3, 3
+
+
+def batch_for(model: TransferModel, cached: bool, seed: int = 0) -> Batch:
+    """Random inputs of exactly the kinds the method reads (judged by its config's flags, as the loaders do)."""
+    config, geometry = model.config, model.geometry
+    generator = torch.Generator().manual_seed(seed)
+    batch = Batch(label=torch.arange(BATCH) % CLASSES, index=torch.arange(BATCH))
+    if config.side_network:
+        batch.side = torch.randn(BATCH, 3, SIDE_SIZE, SIDE_SIZE, generator=generator)
+    if config.uses_lpm and not cached:
+        batch.lpm = torch.randn(BATCH, 3, LPM_SIZE, LPM_SIZE, generator=generator)
+    if config.uses_lpm and cached:
+        kept = num_important_tokens(geometry.num_tokens(LPM_SIZE), config.token_ratio)
+        shape = (BATCH, len(config.tapped_layers), geometry.num_heads, kept, geometry.head_dim)
+        batch.keys = torch.randn(shape, generator=generator).half()
+        batch.values = torch.randn(shape, generator=generator).half()
+    return batch
+
+
+def perturb_trainable_(model: TransferModel, seed: int = 1) -> None:
+    """Move every trainable parameter away from its initial value (LoRA's B and the adapters' up-projection
+    start at zero, which would hide a weight that failed to load)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.mark.parametrize("variant", METHOD_VARIANTS)
+def test_build_logits_save_load_gives_the_same_logits(tmp_path: Path, tiny_spec: BackboneSpec, variant: str) -> None:
+    config_class, cached = method_variant(variant)
+    options = {"side_input_size": SIDE_SIZE} if config_class.side_network else {}
+    config = config_class(backbone=tiny_spec, num_classes=CLASSES, lpm_input_size=LPM_SIZE, **options)
+    model = build_model(config, load_lpm=not cached)
+    perturb_trainable_(model)
+    model.eval()
+    batch = batch_for(model, cached)
+
+    with torch.no_grad():
+        logits = model.logits(batch)
+    model.save_pretrained(tmp_path / "model")
+    restored = load_model(tmp_path / "model", load_lpm=not cached).eval()
+    with torch.no_grad():
+        again = restored.logits(batch)
+
+    assert logits.shape == (BATCH, CLASSES)
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    assert type(restored) is type(model) is MODEL_CLASSES[config.method]
+    assert restored.config == model.config
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+
+
+def test_every_method_config_has_exactly_one_model_class() -> None:
+    assert set(MODEL_CLASSES) == set(METHOD_CONFIGS)
+    assert all(issubclass(model_class, TransferModel) for model_class in MODEL_CLASSES.values())
+
+
+def test_the_package_exports_resolve_lazily_to_their_modules() -> None:
+    exported = [name for name in fpt.__all__ if name != "__version__"]
+    assert all(getattr(fpt, name) is not None for name in exported)
+    assert fpt.build_model is build_model and fpt.BackboneSpec is BackboneSpec
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = fpt.nope
