@@ -5,6 +5,9 @@ set -eu
 OUT=${1:-benchmark-results}
 mkdir -p "$OUT"
 
+# 0. Start-up of the command line (`fpt --help` and every command's help, 5 fresh interpreters each).
+python benchmarks/cli_startup.py 5 | tee "$OUT/cli_startup.md"
+
 # 1. Training memory, ViT-B/16 geometry at 512 px, batch 16: every method, both meters (about 10 min on
 #    2 CPU cores; full fine-tuning's measured step needs about 10.5 GiB).
 fpt bench memory --backbone vit_base_patch16_384 --input-size 512 --batch-size 16 --plot --out "$OUT" \

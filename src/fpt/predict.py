@@ -92,6 +92,7 @@ def predict_images(
         pixels = [load_image(path) for path in chunk]
         lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target) if config.uses_lpm else None
         side_batch = torch.stack([to_side(p) for p in pixels]).to(target) if to_side is not None else None
+        # the labels are unknown here; logits never read them
         batch = Batch(label=torch.zeros(len(chunk), dtype=torch.long), index=torch.arange(len(chunk)))
         with torch.no_grad(), autocast(target, run.training.precision):
             if explain_dir is None:
