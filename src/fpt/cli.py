@@ -14,6 +14,7 @@ from pathlib import Path
 from fpt._version import __version__
 from fpt.config import (
     CACHE_DTYPE_NAMES,
+    IMAGE_FORMATS,
     IMPORTANCE_RULES,
     METERS,
     METHOD_CONFIGS,
@@ -29,6 +30,7 @@ from fpt.config import (
     FPTPlusConfig,
     LoRAConfig,
     MethodConfig,
+    SynthTask,
     TrainingConfig,
     VPTDeepConfig,
     default_value,
@@ -141,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_splits = default_value(DemoSettings, "splits")
     synth = commands.add_parser(
         "synth",
-        help="write the synthetic high-resolution fundus benchmark (4 lesion grades)",
+        help="write a synthetic high-resolution fundus task (the demo's by default: 4 lesion grades)",
         description="Write seeded synthetic fundus images, graded by lesions too small for a 128 px view, as "
-        "OUT/{train,val,test}/<grade>/<seed>.png plus OUT/labels.csv.",
+        "OUT/{train,val,test}/<grade>/<seed>.png (or .jpg) plus OUT/labels.csv. The task options make other "
+        "tasks: binary (--grades 0,1), imbalanced (--class-ratio 3,1), fewer and smaller lesions.",
     )
     synth.add_argument("out", metavar="OUT", help="output folder")
     for split, noun in (("train", "training"), ("val", "validation"), ("test", "test")):
@@ -152,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
     synth.add_argument("--first-seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
     synth.add_argument("--size", type=int, default=512, help="image size in pixels (default: %(default)s)")
+    task = SynthTask()
+    synth.add_argument(
+        "--grades",
+        type=_int_list,
+        metavar="G,G,...",
+        help=f"grades that occur, from 0 (none) to 3 (severe) (default: {','.join(map(str, task.grades))})",
+    )
+    synth.add_argument(
+        "--class-ratio", type=_int_list, metavar="N,N,...", help="relative frequency per grade (default: equal)"
+    )
+    synth.add_argument(
+        "--lesion-scale", type=float, metavar="F", help=f"lesion radii relative to the demo's ({task.lesion_scale})"
+    )
+    synth.add_argument(
+        "--lesion-count", type=float, metavar="F", help=f"lesion counts relative to the demo's ({task.lesion_count})"
+    )
+    synth.add_argument("--format", choices=IMAGE_FORMATS, help=f"image files (default: {task.image_format})")
     synth.set_defaults(handler=_run_synth)
 
     demo = commands.add_parser(
@@ -615,9 +635,11 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _run_synth(args: argparse.Namespace) -> int:
     from fpt.data.synthetic import write_dataset
 
-    root = write_dataset(
-        args.out, {"train": args.train, "val": args.val, "test": args.test}, args.first_seed, args.size
-    )
+    options = {"grades": args.grades, "class_ratio": args.class_ratio, "image_format": args.format}
+    options |= {"lesion_scale": args.lesion_scale, "lesion_count": args.lesion_count}
+    task = SynthTask(**{name: value for name, value in options.items() if value is not None})
+    counts = {"train": args.train, "val": args.val, "test": args.test}
+    root = write_dataset(args.out, counts, args.first_seed, args.size, task=task)
     print(f"wrote {args.train + args.val + args.test} images to {root} (folders and labels.csv)")
     return 0
 

@@ -467,6 +467,48 @@ class TrainingConfig:
         return cls(**_known_fields(cls, data, "training config"))
 
 
+IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
+
+
+@dataclass(frozen=True)
+class SynthTask:
+    """What a synthetic fundus task varies (``fpt synth``); the defaults are the demo's task.
+
+    Attributes:
+        grades: the lesion grades that occur (0 none, 1 mild, 2 moderate, 3 severe); ``(0, 1)`` is a binary
+            task, lesions present or not.
+        class_ratio: how often each grade occurs, as whole numbers (``(3, 1)``: three negatives per positive);
+            None means equally often.
+        lesion_scale: lesion radii relative to the demo's.
+        lesion_count: lesion counts relative to the demo's (every lesion-bearing grade keeps at least one).
+        image_format: "png" or "jpg" (quality 95).
+    """
+
+    grades: tuple[int, ...] = (0, 1, 2, 3)
+    class_ratio: tuple[int, ...] | None = None
+    lesion_scale: float = 1.0
+    lesion_count: float = 1.0
+    image_format: str = "png"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grades", tuple(int(grade) for grade in self.grades))
+        if len(self.grades) < 2 or len(set(self.grades)) != len(self.grades) or not set(self.grades) <= {0, 1, 2, 3}:
+            raise FPTError(f"grades must be two or more distinct grades out of 0-3, got {self.grades}")
+        if self.class_ratio is not None:
+            object.__setattr__(self, "class_ratio", tuple(int(count) for count in self.class_ratio))
+            if len(self.class_ratio) != len(self.grades) or min(self.class_ratio) < 1:
+                raise FPTError(f"class ratio needs one positive whole number per grade {self.grades}")
+        if self.lesion_scale <= 0 or self.lesion_count <= 0:
+            raise FPTError("lesion scale and lesion count must be positive")
+        if self.image_format not in IMAGE_FORMATS:
+            raise FPTError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got '{self.image_format}'")
+
+    def label_cycle(self) -> tuple[int, ...]:
+        """The grades in the order consecutive seeds take them (each repeated as its share of the ratio)."""
+        ratio = self.class_ratio or (1,) * len(self.grades)
+        return tuple(grade for grade, count in zip(self.grades, ratio, strict=True) for _ in range(count))
+
+
 DEMO_SPLITS = {"train": 240, "val": 60, "test": 160}  # seeds 0-459; the LPM's pre-training used >= 1,000,000
 
 

@@ -10,8 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fpt.config import SynthTask
 from fpt.data.datasets import load_dataset
-from fpt.data.synthetic import GRADE_NAMES, GRADES, random_background, synthesize, write_dataset
+from fpt.data.synthetic import (
+    GRADE_NAMES,
+    GRADES,
+    LesionCounts,
+    random_background,
+    scaled_counts,
+    synthesize,
+    write_dataset,
+)
+from fpt.errors import FPTError
 
 
 def side_view(image: torch.Tensor) -> torch.Tensor:
@@ -84,3 +94,52 @@ def test_write_dataset_writes_the_folder_layout_and_a_manifest(tmp_path: Path) -
     for split in ("train", "val", "test"):
         assert sorted(s.path for s in folders.splits[split]) == sorted(s.path for s in manifest.splits[split])
         assert all(count >= 1 for count in folders.class_counts(split))
+
+
+def test_a_binary_imbalanced_jpeg_task_has_the_asked_classes_ratio_and_format(tmp_path: Path) -> None:
+    task = SynthTask(grades=(0, 1), class_ratio=(3, 1), image_format="jpg")
+    write_dataset(tmp_path, {"train": 8, "test": 4}, size=64, progress=False, task=task)
+
+    with (tmp_path / "labels.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["label"] for row in rows] == (["0_none"] * 3 + ["1_mild"]) * 3
+    assert all(row["path"].endswith(".jpg") for row in rows)
+    assert load_dataset(tmp_path / "labels.csv").classes == ["0_none", "1_mild"]
+    assert [len(list((tmp_path / "train" / grade).iterdir())) for grade in ("0_none", "1_mild")] == [6, 2]
+
+
+def test_fewer_and_smaller_lesions_scale_the_demos_counts_and_radii() -> None:
+    demo, fewer = synthesize(300, 3), synthesize(300, 3, lesion_scale=0.5, lesion_count=0.5)
+    counts = scaled_counts(GRADES[3], 0.5)
+    assert counts == LesionCounts(microaneurysms=(10, 13), exudates=(2, 2), blots=(1, 2))
+    assert scaled_counts(GRADES[1], 0.1).microaneurysms == (1, 1)  # a lesion-bearing grade keeps one
+    assert len(fewer.lesions) < len(demo.lesions)
+    for kind, (low, high) in (("microaneurysm", counts.microaneurysms), ("blot", counts.blots)):
+        assert low <= sum(lesion.kind == kind for lesion in fewer.lesions) <= high
+    assert max(lesion.radius for lesion in fewer.lesions) <= 2.0  # half of the largest blot radius, 4 px
+
+
+def test_the_default_task_is_the_demos(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "default", {"train": 4}, size=64, progress=False)
+    write_dataset(tmp_path / "explicit", {"train": 4}, size=64, progress=False, task=SynthTask())
+    for name in ("000000.png", "000003.png"):
+        grade = GRADE_NAMES[int(name[5])]
+        assert (tmp_path / "default" / "train" / grade / name).read_bytes() == (
+            tmp_path / "explicit" / "train" / grade / name
+        ).read_bytes()
+    assert torch.equal(synthesize(9, 2).image, synthesize(9, 2, lesion_scale=1.0, lesion_count=1.0).image)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"grades": (1,)}, "two or more distinct grades"),
+        ({"grades": (0, 4)}, "two or more distinct grades"),
+        ({"class_ratio": (1, 2)}, "one positive whole number per grade"),
+        ({"lesion_scale": 0}, "must be positive"),
+        ({"image_format": "bmp"}, "image format must be one of png, jpg"),
+    ],
+)
+def test_impossible_tasks_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(FPTError, match=message):
+        SynthTask(**options)

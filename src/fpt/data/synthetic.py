@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from fpt.config import SynthTask
 from fpt.errors import FPTError
 
 GRADE_NAMES = ("0_none", "1_mild", "2_moderate", "3_severe")
@@ -143,11 +144,27 @@ class SyntheticSample:
     lesions: list[Lesion]
 
 
-def synthesize(seed: int, grade: int, size: int = 512) -> SyntheticSample:
-    """One synthetic fundus image of ``grade``, fully determined by ``seed``, ``grade`` and ``size``."""
+def scaled_counts(counts: LesionCounts, factor: float) -> LesionCounts:
+    """``counts`` times ``factor`` (rounded); a kind that occurs keeps at least one lesion."""
+
+    def scale(bounds: tuple[int, int]) -> tuple[int, int]:
+        return (
+            max(1, round(bounds[0] * factor)) if bounds[0] else 0,
+            max(1, round(bounds[1] * factor)) if bounds[1] else 0,
+        )
+
+    return LesionCounts(scale(counts.microaneurysms), scale(counts.exudates), scale(counts.blots))
+
+
+def synthesize(
+    seed: int, grade: int, size: int = 512, lesion_scale: float = 1.0, lesion_count: float = 1.0
+) -> SyntheticSample:
+    """One synthetic fundus image of ``grade``, fully determined by its arguments; ``lesion_scale`` and
+    ``lesion_count`` make the lesions smaller and fewer than the demo's (1.0)."""
     rng = np.random.default_rng(seed)
     background, mask = random_background(size, rng)
-    lesions = sample_lesions(mask, GRADES[grade], rng, scale=size / 512)
+    counts = GRADES[grade] if lesion_count == 1.0 else scaled_counts(GRADES[grade], lesion_count)
+    lesions = sample_lesions(mask, counts, rng, scale=lesion_scale * size / 512)
     return SyntheticSample(draw_lesions(background, lesions), background, grade, lesions)
 
 
@@ -157,25 +174,29 @@ def write_dataset(
     first_seed: int = 0,
     size: int = 512,
     progress: bool = True,
+    task: SynthTask | None = None,
 ) -> Path:
-    """Write ``ROOT/{split}/{grade}/{seed}.png`` plus ``ROOT/labels.csv`` (path,label,split).
+    """Write ``ROOT/{split}/{grade}/{seed}.{png,jpg}`` plus ``ROOT/labels.csv`` (path,label,split).
 
     ``counts`` maps split names to image counts; seeds run consecutively from ``first_seed`` across the
-    splits (so every split uses its own seeds) and grades cycle through all four, keeping classes balanced.
+    splits (so every split uses its own seeds) and take the ``task``'s grades in turn, each as often as its
+    class ratio says (the demo's task: all four grades, equally often).
     """
     from fpt.runtime import progress_bar
 
+    task = task or SynthTask()
+    cycle = task.label_cycle()
     root = Path(root)
     rows = []
     start = first_seed
     with progress_bar(total=sum(counts.values()), enabled=progress, desc="synthesise", unit="img") as bar:
         for split, count in counts.items():
             for seed in range(start, start + count):
-                grade = seed % len(GRADES)
-                sample = synthesize(seed, grade, size=size)
-                path = Path(split) / GRADE_NAMES[grade] / f"{seed:06d}.png"
+                grade = cycle[seed % len(cycle)]
+                sample = synthesize(seed, grade, size, task.lesion_scale, task.lesion_count)
+                path = Path(split) / GRADE_NAMES[grade] / f"{seed:06d}.{task.image_format}"
                 (root / path).parent.mkdir(parents=True, exist_ok=True)
-                save_png(sample.image, root / path)
+                save_image(sample.image, root / path)
                 rows.append([path.as_posix(), GRADE_NAMES[grade], split])
                 bar.update(1)
             start += count
@@ -184,5 +205,7 @@ def write_dataset(
     return root
 
 
-def save_png(image: Tensor, path: Path) -> None:
-    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+def save_image(image: Tensor, path: Path) -> None:
+    """Write an RGB image [3, H, W] in [0, 1] as PNG, or as JPEG (quality 95) for a .jpg path."""
+    pixels = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    pixels.save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
