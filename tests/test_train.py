@@ -96,6 +96,31 @@ def test_run_directory_holds_config_splits_metrics_events_checkpoints_results_an
             assert min(image.size) > 100
 
 
+def test_each_epoch_logs_gradient_norms_prompt_similarity_and_attention_entropy(trained_run: Path) -> None:
+    groups = {"fusion.prompts", "fusion.out_proj", "fusion.norm", "side.blocks", "side.head", "side.patch_embed"}
+    for line in metric_lines(trained_run):
+        norms = {key.removeprefix("grad_norm/"): value for key, value in line.items() if key.startswith("grad_norm/")}
+        assert groups <= norms.keys() and all(value > 0 for value in norms.values())
+        for layer in (2, 3):  # the tapped layers
+            assert -1.0 <= line[f"prompt_similarity/layer{layer}"] <= 1.0
+            assert 0.0 < line[f"attention_entropy/layer{layer}"] <= 1.0
+    events = EventAccumulator(str(trained_run / "tensorboard"))
+    events.Reload()
+    assert {"grad_norm/fusion.prompts", "attention_entropy/layer2", "prompt_similarity/layer3"} <= set(
+        events.Tags()["scalars"]
+    )
+
+
+def test_gradient_norms_are_grouped_by_module_path() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    model[0].requires_grad_(False)
+    model(torch.randn(5, 3)).square().sum().backward()
+    norms = fpt.train.gradient_norms(model)
+    assert set(norms) == {"1.0"}  # frozen parameters have no gradient
+    expected = torch.cat([p.grad.flatten() for p in model[1].parameters()]).norm()
+    torch.testing.assert_close(norms["1.0"], expected)
+
+
 def test_nothing_in_a_run_directory_is_pickled(trained_run: Path) -> None:
     suffixes = {path.suffix for path in trained_run.rglob("*") if path.is_file() and path.parent.name != "tensorboard"}
     assert suffixes <= {".json", ".jsonl", ".safetensors", ".csv", ".html", ".png"}

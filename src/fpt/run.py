@@ -4,7 +4,7 @@ A run directory holds:
 
     run.json              resolved model and training configs, data source, normalisation, cache fingerprint
     splits.json           the class list and the exact images of every split
-    metrics.jsonl         one line per epoch
+    metrics.jsonl         one line per epoch (losses, validation metrics, gradient norms, prompt diagnostics)
     tensorboard/          TensorBoard events
     checkpoints/best/     config.json + model.safetensors of the best validation score
     checkpoints/last/     the same, plus optimizer.safetensors and state.json to resume from

@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from fpt.cache import FeatureCache
 from fpt.config import METRIC_NAMES, MethodConfig, TrainingConfig
 from fpt.data.datasets import ImageDataset
+from fpt.data.loaders import collate
 from fpt.errors import FPTError
 from fpt.evaluate import RunResults, evaluate_checkpoints, predict_loader
 from fpt.metrics import classification_metrics
@@ -100,11 +101,12 @@ class Trainer:
     device: torch.device
     training: TrainingConfig
 
-    def train_epoch(self, loader: DataLoader, epoch: int, progress: bool) -> float:
-        """One pass over ``loader``; returns the mean training loss."""
+    def train_epoch(self, loader: DataLoader, epoch: int, progress: bool) -> EpochStats:
+        """One pass over ``loader``; returns the mean training loss and the mean gradient norms."""
         training, optimizer, scaler = self.training, self.state.optimizer, self.state.scaler
         self.model.train()
         total, count = 0.0, 0
+        norms: dict[str, Tensor] = {}
         bar = progress_bar(
             loader, enabled=progress, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False
         )
@@ -120,8 +122,11 @@ class Trainer:
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if training.clip_grad_norm is not None:
+            if training.clip_grad_norm is not None or scaler.is_enabled():
                 scaler.unscale_(optimizer)
+            for group, norm in gradient_norms(self.model).items():
+                norms[group] = norms[group] + norm if group in norms else norm
+            if training.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), training.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
@@ -129,7 +134,29 @@ class Trainer:
             total += loss_value * len(batch)
             count += len(batch)
             bar.set_postfix(loss=f"{total / count:.4f}")
-        return total / count
+        steps = len(loader)
+        return EpochStats(total / count, {group: norm.item() / steps for group, norm in norms.items()})
+
+
+@dataclass
+class EpochStats:
+    """One training epoch: the mean loss, and each parameter group's mean gradient norm (before clipping)."""
+
+    loss: float
+    gradient_norms: dict[str, float]
+
+
+def gradient_norms(model: nn.Module, depth: int = 2) -> dict[str, Tensor]:
+    """L2 norm of the gradients of each group of trainable parameters, grouped by the first ``depth`` parts of
+    their names (``fusion.prompts``, ``side.blocks``, ``backbone.head``, ...), as 0-d tensors (read once per
+    epoch, so a step adds no host sync)."""
+    squares: dict[str, list[Tensor]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            squares.setdefault(".".join(name.split(".")[:depth]), []).append(
+                parameter.grad.detach().float().square().sum()
+            )
+    return {group: torch.stack(values).sum().sqrt() for group, values in squares.items()}
 
 
 def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunResults:
@@ -155,6 +182,9 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
         label_smoothing=training.label_smoothing,
     )
     trainer = Trainer(model, state, criterion, device, training)
+    # built without an iterator, which would draw a seed from the global generator and change training
+    val_views = val_loader.dataset
+    diagnostic_batch = collate([val_views[i] for i in range(min(training.batch_size, len(val_views)))])
     start_epoch, best = 0, None
     if resume:
         saved = state.load(run.require_checkpoint("last"), model)
@@ -165,24 +195,28 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
         for epoch in range(start_epoch, training.epochs):
             started = time.perf_counter()
             generator.manual_seed(training.seed + epoch)
-            train_loss = trainer.train_epoch(train_loader, epoch, progress)
+            stats = trainer.train_epoch(train_loader, epoch, progress)
             labels, probabilities, val_loss = predict_loader(model, val_loader, device, training.precision)
+            with autocast(device, training.precision):
+                readings = model.diagnostics(diagnostic_batch.to(device))
             val_metrics = classification_metrics(labels, probabilities)
             score = val_metrics[training.selection_metric]
             improved = best is None or (score is not None and score > best["score"])
             record = {
                 "epoch": epoch + 1,
-                "train_loss": train_loss,
+                "train_loss": stats.loss,
                 "val_loss": val_loss,
                 "lr": state.scheduler.get_last_lr()[0],
                 **{f"val_{name}": val_metrics[name] for name in METRIC_NAMES},
+                **{f"grad_norm/{group}": norm for group, norm in stats.gradient_norms.items()},
+                **readings,
                 "seconds": time.perf_counter() - started,
             }
             with (run.directory / METRICS_FILE).open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             for name, value in record.items():
-                if name != "epoch" and value is not None:
-                    board.add_scalar(name.replace("_", "/", 1), value, epoch + 1)
+                if name != "epoch" and value is not None:  # train_loss -> train/loss; grouped names as they are
+                    board.add_scalar(name if "/" in name else name.replace("_", "/", 1), value, epoch + 1)
             if improved:
                 best = {"epoch": epoch + 1, "score": score}
                 save_atomically(run.directory / CHECKPOINTS_DIR / "best", model.save_pretrained)
@@ -192,7 +226,7 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
             if progress:
                 shown = f"{score:.4f}" if score is not None else "n/a"
                 print(
-                    f"epoch {epoch + 1}/{training.epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                    f"epoch {epoch + 1}/{training.epochs}: train loss {stats.loss:.4f}, val loss {val_loss:.4f}, "
                     f"val {training.selection_metric} {shown}{' (best)' if improved else ''}"
                 )
     results = evaluate_checkpoints(run, model, device, cache, best["epoch"] if best else None)

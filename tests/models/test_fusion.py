@@ -216,3 +216,29 @@ def test_cross_attention_gives_no_silently_wrong_second_derivative() -> None:
     (gradient,) = torch.autograd.grad(output, queries, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         gradient.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["fpt", "fpt+"])
+def test_prompt_similarity_is_one_for_identical_prompts_and_zero_for_orthogonal_ones(kind: str) -> None:
+    fusion = make_fusion(kind)
+    layers, num_prompts, width = fusion.prompts.shape
+    with torch.no_grad():
+        fusion.prompts.copy_(torch.randn(layers, 1, width).expand(-1, num_prompts, -1))
+        fusion.prompts[1] = torch.eye(num_prompts, width, dtype=fusion.prompts.dtype)
+    similarity = fusion.prompt_similarity()
+    assert similarity.shape == (layers,)
+    torch.testing.assert_close(similarity[0], torch.tensor(1.0, dtype=torch.float32))
+    torch.testing.assert_close(similarity[1], torch.tensor(0.0, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("kind", ["fpt", "fpt+"])
+def test_attention_entropy_is_one_when_uniform_and_matches_the_explicit_entropy(kind: str) -> None:
+    fusion = make_fusion(kind)
+    keys, values = lpm_keys_values()
+    assert torch.allclose(fusion.attention_entropy(torch.zeros_like(keys)), torch.ones(LAYERS))
+    weights, _ = explicit_attention_and_context(fusion, keys, values)  # [B, L, H, M, T]
+    explicit = torch.stack(
+        [-(weights[:, layer] * weights[:, layer].log()).sum(-1).mean() / math.log(TOKENS) for layer in range(LAYERS)]
+    )
+    torch.testing.assert_close(fusion.attention_entropy(keys), explicit.float(), rtol=1e-5, atol=1e-6)
+    assert (fusion.attention_entropy(keys) < 1).all()

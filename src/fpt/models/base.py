@@ -57,6 +57,10 @@ class TransferModel(nn.Module):
         """Frozen parameters held (the LPM's), and the same without the LPM's own classifier head."""
         raise NotImplementedError
 
+    def diagnostics(self, batch: Batch) -> dict[str, float]:
+        """Method-specific readings of the model on ``batch`` for the training log (none by default)."""
+        return {}
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained parameters, keyed as in ``state_dict()``."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}

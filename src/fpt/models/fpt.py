@@ -114,6 +114,18 @@ class FPTModel(TransferModel):
             raise FPTError(f"{self.config.method} needs the LPM's keys and values, or the high-resolution view")
         return self.forward_images(batch.lpm, batch.side)
 
+    @torch.no_grad()
+    def diagnostics(self, batch: Batch) -> dict[str, float]:
+        """Per tapped layer: how alike its prompts are (mean cosine similarity) and how spread their attention
+        over the cached tokens is (entropy / log T), on ``batch``'s keys (or its LPM view, run through the LPM)."""
+        keys = batch.keys if batch.keys is not None else self.encode(batch.lpm).keys
+        similarity, entropy = self.fusion.prompt_similarity(), self.fusion.attention_entropy(keys)
+        readings = {}
+        for index, layer in enumerate(self.config.tapped_layers):
+            readings[f"prompt_similarity/layer{layer}"] = similarity[index].item()
+            readings[f"attention_entropy/layer{layer}"] = entropy[index].item()
+        return readings
+
     def frozen_params(self) -> tuple[int, int]:
         if self.encoder is None:
             raise FPTError(

@@ -8,6 +8,7 @@ Shapes: L tapped layers, M prompts, d the LPM width, H its heads, d_side the sid
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -65,6 +66,28 @@ class PromptFusion(nn.Module, ABC):
     def forward(self, keys: Tensor, values: Tensor) -> Tensor:
         """keys/values [B, L, H, T, d_head] -> fused prompts [B, L, M, d_side]."""
         return self.output(self.cross_attention(keys, values))
+
+    @torch.no_grad()
+    def prompt_similarity(self) -> Tensor:
+        """Mean cosine similarity between the distinct prompts of each layer, [L]: 1 when they are all alike."""
+        prompts = nn.functional.normalize(self.prompts.float(), dim=-1)  # [L, M, d]
+        num_prompts = prompts.shape[1]
+        if num_prompts < 2:
+            return prompts.new_ones(prompts.shape[0])
+        similarity = prompts @ prompts.transpose(1, 2)  # [L, M, M]
+        off_diagonal = similarity.sum(dim=(1, 2)) - similarity.diagonal(dim1=1, dim2=2).sum(dim=-1)
+        return off_diagonal / (num_prompts * (num_prompts - 1))
+
+    @torch.no_grad()
+    def attention_entropy(self, keys: Tensor) -> Tensor:
+        """Entropy of each prompt's attention over the T tokens, averaged over images, heads and prompts and
+        divided by log T, [L]: 1 when the attention is uniform, 0 when it rests on one token."""
+        num_tokens = keys.shape[-2]
+        if num_tokens < 2:
+            return keys.new_zeros(keys.shape[1], dtype=torch.float32)
+        weights = self.attention_weights(keys).float()  # [B, L, H, M, T]
+        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)
+        return entropy.mean(dim=(0, 2, 3)) / math.log(num_tokens)
 
 
 class FPTFusion(PromptFusion):
