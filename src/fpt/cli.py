@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_size_argument(accuracy)
     _add_data_arguments(accuracy)
     _add_training_arguments(accuracy, with_cache_option=False)
+    accuracy.add_argument(
+        "--lr-grid",
+        type=_float_list,
+        metavar="LR,LR,...",
+        help="train each method at every learning rate and report it at its best on validation (instead of --lr)",
+    )
     accuracy.set_defaults(handler=_run_bench_accuracy)
     return parser
 
@@ -683,8 +689,12 @@ def _run_bench_memory(args: argparse.Namespace) -> int:
 def _run_bench_accuracy(args: argparse.Namespace) -> int:
     from fpt.bench.accuracy_benchmark import RESULTS_JSON, RESULTS_TABLE, benchmark_accuracy, format_accuracy_table
 
+    if args.lr_grid and args.lr is not None:
+        raise FPTError("give --lr or --lr-grid, not both")
+    training = training_config_from_args(args)
+    backbone = backbone_from_args(args)
     result = benchmark_accuracy(
-        args.data, args.out, args.methods, backbone_from_args(args), args.input_size, training_config_from_args(args)
+        args.data, args.out, args.methods, backbone, args.input_size, training, lr_grid=args.lr_grid
     )
     print(format_accuracy_table(result))
     out = Path(args.out)
@@ -718,6 +728,16 @@ def _int_list(text: str) -> list[int]:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
 
 
 def _float_pair(text: str) -> tuple[float, float]:

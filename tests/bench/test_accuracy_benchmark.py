@@ -164,6 +164,8 @@ def test_format_accuracy_table_by_hand() -> None:
         ppe=None,
         pme=None,
         train_seconds=61.6,
+        lr=0.0001,
+        val_score=None,
     )
     memory = MemorySetting(BackboneSpec("vit"), 512, 16, 2, "float16", "cpu", "m", "2", 1)
     training = TrainingConfig(epochs=20, lr=0.0001, batch_size=16, seed=0)
@@ -320,3 +322,36 @@ def test_runs_trained_on_other_data_are_not_reused(
             LPM_INPUT_SIZE,
             benchmark_training(tmp_path / "cache"),
         )
+
+
+def test_an_lr_grid_reports_each_method_at_its_best_validation_learning_rate(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    backbone = BackboneSpec(str(tiny_lpm_dir))
+    grid = [1e-5, 3e-3]
+    out = tmp_path / "out"
+    result = benchmark_accuracy(
+        image_data, out, ["linear"], backbone, 64, benchmark_training(None, epochs=2), False, lr_grid=grid
+    )
+
+    scores = {}
+    for lr in grid:
+        run_dir = out / "runs" / "linear" / f"lr{lr:g}"
+        assert read_json(run_dir / "run.json")["training"]["lr"] == lr
+        scores[lr] = max(json.loads(line)["val_auc"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    row = result.methods["linear"]
+    best = max(grid, key=lambda lr: scores[lr])  # max keeps the earlier of equal scores, as the benchmark does
+    assert (row.lr, row.val_score) == (best, scores[best])
+    chosen = read_json(out / "runs" / "linear" / f"lr{best:g}" / "results.json")
+    assert row.auc == chosen["best"]["auc"]
+    assert result.setting.lr_grid == grid
+    table = (out / "accuracy.md").read_text().splitlines()
+    assert "each method's best lr of 1e-05,0.003 on validation" in table[0]
+    assert table[2].endswith("| train time | lr |") and table[4].endswith(f" {best:g} |")
+
+
+def test_an_lr_grid_and_an_lr_are_not_given_together(capsys: pytest.CaptureFixture[str], image_data: Path) -> None:
+    assert main(["bench", "accuracy", str(image_data), "--lr", "1e-3", "--lr-grid", "1e-4,1e-3"]) == 1
+    assert "give --lr or --lr-grid, not both" in capsys.readouterr().err
+    with pytest.raises(FPTError, match="one or more positive learning rates"):
+        benchmark_accuracy(image_data, Path("unused"), ["linear"], BackboneSpec("x"), 64, TrainingConfig(), lr_grid=[0])

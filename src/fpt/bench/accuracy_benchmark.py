@@ -58,6 +58,8 @@ class AccuracyRow:
     ppe: float | None
     pme: float | None
     train_seconds: float
+    lr: float  # the run's learning rate: with a grid, the one of the best validation score
+    val_score: float | None  # that run's best validation score (the training's selection metric)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class AccuracySetting:
     training: TrainingConfig
     memory: MemorySetting
     full_fine_tuning_peak_bytes: int | None
+    lr_grid: list[float] | None = None
 
 
 class AccuracyBenchmark(BenchmarkResult[AccuracySetting, AccuracyRow]):
@@ -79,6 +82,14 @@ def efficiency_score(auc: float, ratio: float) -> float:
     return auc * math.exp(-math.log10(ratio + 1.0))
 
 
+@dataclass
+class _Outcome:
+    results: RunResults
+    seconds: float
+    lr: float
+    val_score: float | None
+
+
 def benchmark_accuracy(
     data: str | Path,
     out: str | Path,
@@ -87,31 +98,40 @@ def benchmark_accuracy(
     lpm_input_size: int,
     training: TrainingConfig,
     progress: bool = True,
+    lr_grid: Sequence[float] | None = None,
 ) -> AccuracyBenchmark:
-    """Train (or reuse, or resume) every method on ``data`` and write ``OUT/accuracy.json`` and ``accuracy.md``."""
+    """Train (or reuse, or resume) every method on ``data`` and write ``OUT/accuracy.json`` and ``accuracy.md``.
+
+    With ``lr_grid``, every method trains once per learning rate (into ``OUT/runs/<method>/lr<lr>``) and is
+    reported at the one whose run reached the best validation score (``training.selection_metric``), so that
+    each method gets its own best learning rate; the test split plays no part in that choice.
+    """
     if not methods:
         raise FPTError("give at least one method to train")
     check_method_variants(list(methods))
+    if lr_grid is not None and (not lr_grid or min(lr_grid) <= 0):
+        raise FPTError("the learning-rate grid needs one or more positive learning rates")
     out = Path(out)
-    outcomes: dict[str, tuple[RunResults, float]] = {}
+    outcomes: dict[str, _Outcome] = {}
     for index, method in enumerate(methods, start=1):
-        run_dir = out / "runs" / method.replace("/", "-")
-        if progress:
-            print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
         config_class, _ = method_variant(method)
         config = config_class(backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size)
-        method_training = replace(training, cache_dir=_method_cache(training.cache_dir, method))
-        if (run_dir / RUN_FILE).is_file():
-            _check_same_settings(run_dir, data, config, method_training)
-        if (run_dir / RESULTS_FILE).is_file():
-            results = RunResults.load(run_dir)
-        elif (run_dir / RUN_FILE).is_file():
-            results = resume(run_dir, training.device, training.num_workers, progress=progress)
-        else:
-            results = train(data, run_dir, config, method_training, progress=progress)
-        outcomes[method] = (results, sum(record["seconds"] for record in read_metrics(run_dir)))
+        candidates = []
+        for lr in lr_grid or [training.lr]:
+            run_dir = out / "runs" / method.replace("/", "-")
+            run_dir = run_dir / f"lr{lr:g}" if lr_grid else run_dir
+            if progress:
+                print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
+            method_training = replace(training, lr=lr, cache_dir=_method_cache(training.cache_dir, method))
+            results = _trained(run_dir, data, config, method_training, progress)
+            records = read_metrics(run_dir)
+            scores = [r[f"val_{training.selection_metric}"] for r in records if r[f"val_{training.selection_metric}"]]
+            seconds = sum(record["seconds"] for record in records)
+            candidates.append(_Outcome(results, seconds, lr, max(scores) if scores else None))
+        # the best validation score; ties (and runs without one) go to the earlier learning rate
+        outcomes[method] = max(candidates, key=lambda c: -math.inf if c.val_score is None else c.val_score)
 
-    num_classes = len(next(iter(outcomes.values()))[0].classes)
+    num_classes = len(next(iter(outcomes.values())).results.classes)
     full = FullFineTuningConfig.method  # the reference of the ratios r and m
     metered = list(methods) if full in methods else [full, *methods]
     # one float32 step with the training's cache dtype, metered on CUDA if training ran there, else on the CPU
@@ -126,7 +146,8 @@ def benchmark_accuracy(
         progress=progress,
     )
     rows = {}
-    for method, (results, seconds) in outcomes.items():
+    for method, outcome in outcomes.items():
+        results, seconds = outcome.results, outcome.seconds
         best, cost = results.best, memory.methods[method]
         auc = best["auc"]
         rows[method] = AccuracyRow(
@@ -142,6 +163,8 @@ def benchmark_accuracy(
             ppe=efficiency_score(auc, cost.param_ratio) if auc is not None else None,
             pme=efficiency_score(auc, cost.memory_ratio) if auc is not None else None,
             train_seconds=seconds,
+            lr=outcome.lr,
+            val_score=outcome.val_score,
         )
     setting = AccuracySetting(
         data=str(Path(data).resolve()),
@@ -150,6 +173,7 @@ def benchmark_accuracy(
         training=training,
         memory=memory.setting,
         full_fine_tuning_peak_bytes=memory.methods[full].peak_bytes,
+        lr_grid=list(lr_grid) if lr_grid else None,
     )
     result = AccuracyBenchmark(setting, rows)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,22 +185,38 @@ def benchmark_accuracy(
 def format_accuracy_table(result: AccuracyBenchmark) -> str:
     """A Markdown table of ``benchmark_accuracy``'s result (metrics of each run's best checkpoint, test split)."""
     setting, training, memory = result.setting, result.setting.training, result.setting.memory
+    grid = setting.lr_grid
+    lr = f"each method's best lr of {','.join(f'{value:g}' for value in grid)} on validation" if grid else None
     lines = [
         f"{setting.backbone.name} at {setting.lpm_input_size} px on {setting.data}; "
-        f"{training.epochs} epochs, lr {training.lr}, batch {training.batch_size}, seed {training.seed}; "
+        f"{training.epochs} epochs, {lr or f'lr {training.lr}'}, batch {training.batch_size}, seed {training.seed}; "
         f"memory: one float32 step on {memory.device} ({memory.machine}), torch {memory.torch}",
         "",
-        "| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME | train time |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME | train time |"
+        + (" lr |" if grid else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if grid else ""),
     ]
     for name, row in result.methods.items():
         lines.append(
             f"| {name} | {_fixed(row.auc)} | {_fixed(row.accuracy)} | {_fixed(row.kappa)} | "
             f"{row.learnable_params:,} | {100 * row.param_ratio:.2f} % | "
             f"{mib(row.peak_bytes)} ({row.peak_meter}) | {_percent(row.memory_ratio)} | "
-            f"{_fixed(row.ppe)} | {_fixed(row.pme)} | {row.train_seconds:.0f} s |"
+            f"{_fixed(row.ppe)} | {_fixed(row.pme)} | {row.train_seconds:.0f} s |" + (f" {row.lr:g} |" if grid else "")
         )
     return "\n".join(lines)
+
+
+def _trained(
+    run_dir: Path, data: str | Path, config: MethodConfig, training: TrainingConfig, progress: bool
+) -> RunResults:
+    """The results of the run in ``run_dir``: reused when finished, resumed when interrupted, else trained."""
+    if (run_dir / RUN_FILE).is_file():
+        _check_same_settings(run_dir, data, config, training)
+    if (run_dir / RESULTS_FILE).is_file():
+        return RunResults.load(run_dir)
+    if (run_dir / RUN_FILE).is_file():
+        return resume(run_dir, training.device, training.num_workers, progress=progress)
+    return train(data, run_dir, config, training, progress=progress)
 
 
 def _method_cache(cache_dir: str | None, method: str) -> str | None:
