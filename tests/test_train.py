@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 
 import fpt.train
 from fpt.cache import CacheWriter, FeatureCache
+from fpt.config import TrainingConfig
 from fpt.data.loaders import SampleViews, collate
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
 from fpt.evaluate import evaluate_run
+from fpt.models.build import build_model
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import FrozenEncoder
 from fpt.task import prepare
@@ -526,3 +528,42 @@ def test_test_predictions_survive_commas_in_paths(tmp_path: Path, tiny_lpm_dir: 
         rows = list(csv.DictReader(handle))
     assert all(row["path"].split("/")[-1].startswith("patient 1, ") for row in rows)
     assert results.best["num_samples"] == len(rows)
+
+
+def test_by_default_one_optimizer_group_decays_every_trainable_parameter(tiny_lpm_dir: Path) -> None:
+    model = build_model(tiny_config(tiny_lpm_dir, num_classes=3), load_lpm=False)
+    groups = fpt.train.parameter_groups(model, TrainingConfig())
+    assert len(groups) == 1
+    assert groups[0]["params"] == [p for p in model.parameters() if p.requires_grad]
+    assert (groups[0]["lr"], groups[0]["weight_decay"]) == (1e-4, 0.1)
+
+
+def test_weight_decay_scope_and_fusion_lr_scale_split_the_parameters(tiny_lpm_dir: Path) -> None:
+    model = build_model(tiny_config(tiny_lpm_dir, num_classes=3), load_lpm=False)
+    training = TrainingConfig(lr=1e-3, weight_decay=0.05, weight_decay_scope="weights", fusion_lr_scale=10.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_setting = {
+        (group["lr"], group["weight_decay"]): {names[id(p)] for p in group["params"]}
+        for group in fpt.train.parameter_groups(model, training)
+    }
+    assert set(by_setting) == {(1e-2, 0.05), (1e-2, 0.0), (1e-3, 0.05), (1e-3, 0.0)}
+    assert {"fusion.prompts", "fusion.norm.weight", "fusion.out_proj.bias"} <= by_setting[(1e-2, 0.0)]
+    assert by_setting[(1e-2, 0.05)] == {"fusion.out_proj.weight"}
+    assert {"side.cls_token", "side.pos_embed", "side.head.bias"} <= by_setting[(1e-3, 0.0)]
+    assert "side.head.weight" in by_setting[(1e-3, 0.05)] and "side.patch_embed.proj.weight" in by_setting[(1e-3, 0.05)]
+    assert sum(len(names) for names in by_setting.values()) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_the_optimizer_options_reach_the_run_and_its_schedule(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    training = fast_training(None, epochs=1, fusion_lr_scale=3.0, weight_decay_scope="weights")
+    train(image_data, tmp_path / "run", tiny_config(tiny_lpm_dir), training, progress=False)
+    recorded = read_json(tmp_path / "run" / "run.json")["training"]
+    assert (recorded["fusion_lr_scale"], recorded["weight_decay_scope"]) == (3.0, "weights")
+    state = read_json(tmp_path / "run" / "checkpoints" / "last" / "state.json")
+    assert sorted({round(group["initial_lr"], 9) for group in state["param_groups"]}) == [3e-3, 9e-3]
+    with pytest.raises(FPTError, match="weight decay scope must be one of all, weights"):
+        TrainingConfig(weight_decay_scope="some")
+    with pytest.raises(FPTError, match="fusion learning-rate scale must be positive"):
+        TrainingConfig(fusion_lr_scale=0)

@@ -22,6 +22,7 @@ from fpt.config import (
     METRIC_NAMES,
     NORMALIZATIONS,
     PRECISIONS,
+    WEIGHT_DECAY_SCOPES,
     AdapterConfig,
     Augmentation,
     BackboneSpec,
@@ -479,6 +480,18 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
     group.add_argument("--lr", type=float, help=f"peak learning rate (default: {default('lr'):g})")
     group.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
     group.add_argument(
+        "--weight-decay-scope",
+        choices=WEIGHT_DECAY_SCOPES,
+        help="all: every trainable parameter (the official code); weights: only linear/conv weight matrices, "
+        f"not prompts, tokens, norms or biases (default: {default('weight_decay_scope')})",
+    )
+    group.add_argument(
+        "--fusion-lr-scale",
+        type=float,
+        metavar="F",
+        help=f"learning rate of the fusion module (prompts) relative to --lr (default: {default('fusion_lr_scale')})",
+    )
+    group.add_argument(
         "--warmup-epochs", type=float, help=f"linear warm-up before cosine decay (default: {default('warmup_epochs')})"
     )
     group.add_argument(
@@ -519,6 +532,8 @@ TRAINING_OPTIONS = {  # TrainingConfig field: parsed option (absent from command
     "batch_size": "batch_size",
     "lr": "lr",
     "weight_decay": "weight_decay",
+    "weight_decay_scope": "weight_decay_scope",
+    "fusion_lr_scale": "fusion_lr_scale",
     "warmup_epochs": "warmup_epochs",
     "label_smoothing": "label_smoothing",
     "selection_metric": "metric",

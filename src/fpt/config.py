@@ -25,6 +25,7 @@ CACHE_DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 NORMALIZATIONS: tuple[str, ...] = ("backbone", "auto")
 METRIC_NAMES: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "kappa")
 METERS: tuple[str, ...] = ("measured", "simulated")
+WEIGHT_DECAY_SCOPES: tuple[str, ...] = ("all", "weights")
 
 
 def is_local_path(name: str) -> bool:
@@ -392,6 +393,11 @@ class TrainingConfig:
     Attributes:
         epochs, batch_size, lr: schedule length, batch size and peak learning rate.
         weight_decay, betas: AdamW settings.
+        weight_decay_scope: "all" decays every trainable parameter (the official code); "weights" only the
+            weight matrices of linear and convolution layers, not prompts, tokens, position embeddings, norms
+            or biases.
+        fusion_lr_scale: the fusion module's (the prompts' and their projections') learning rate relative to
+            ``lr``; the side network keeps ``lr``.
         warmup_epochs: linear warm-up before the per-iteration cosine decay (may be fractional).
         clip_grad_norm: gradient clipping threshold (None disables it).
         label_smoothing, balanced_class_weights: cross-entropy options.
@@ -414,6 +420,8 @@ class TrainingConfig:
     lr: float = 1e-4
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay_scope: str = "all"
+    fusion_lr_scale: float = 1.0
     warmup_epochs: float = 0.0
     clip_grad_norm: float | None = 1.0
     label_smoothing: float = 0.0
@@ -446,6 +454,10 @@ class TrainingConfig:
             raise FPTError("epochs and batch size must be positive")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise FPTError("learning rate must be positive, weight decay and warm-up not negative")
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+            raise FPTError(f"weight decay scope must be one of {', '.join(WEIGHT_DECAY_SCOPES)}")
+        if not self.fusion_lr_scale > 0:
+            raise FPTError(f"the fusion learning-rate scale must be positive, got {self.fusion_lr_scale}")
         if not 0 <= self.label_smoothing < 1:
             raise FPTError("label smoothing must be in [0, 1)")
         if self.num_workers is not None and self.num_workers < 0:

@@ -168,8 +168,7 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
     generator = torch.Generator()
     train_loader = run.loader("train", cache, generator)
     val_loader = run.loader("val", cache)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=training.lr, betas=training.betas, weight_decay=training.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, training), lr=training.lr, betas=training.betas)
     total_steps = training.epochs * len(train_loader)
     warmup_steps = round(training.warmup_epochs * len(train_loader))
     state = TrainingState(
@@ -232,6 +231,28 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
     results = evaluate_checkpoints(run, model, device, cache, best["epoch"] if best else None)
     write_report(run.directory)
     return results
+
+
+def parameter_groups(model: nn.Module, training: TrainingConfig) -> list[dict[str, object]]:
+    """The trainable parameters as AdamW groups, in ``named_parameters`` order within each group.
+
+    With the defaults this is one group at ``training.lr`` decaying every parameter, as the official code does;
+    ``weight_decay_scope="weights"`` moves prompts, tokens, position embeddings, norms and biases to a group
+    without decay, and ``fusion_lr_scale`` gives the fusion module's parameters their own learning rate.
+    """
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decays = training.weight_decay_scope == "all" or (parameter.ndim >= 2 and not _is_embedding(name))
+        lr = training.lr * (training.fusion_lr_scale if name.startswith("fusion.") else 1.0)
+        groups.setdefault((lr, training.weight_decay if decays else 0.0), []).append(parameter)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def _is_embedding(name: str) -> bool:
+    """Prompts, CLS/register tokens and position embeddings: vectors in the token space, not weight matrices."""
+    return name.rsplit(".", 1)[-1] in ("prompts", "cls_token", "reg_token", "pos_embed")
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
