@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from fpt.cache import CACHE_DTYPES
 from fpt.models.base import TransferModel
-from fpt.models.frozen_encoder import LPMGeometry, num_important_tokens
+from fpt.models.frozen_encoder import LPMGeometry
 from fpt.render import mib
 
 
@@ -75,10 +76,10 @@ def model_info(model: TransferModel) -> ModelInfo:
         info.side_width = geometry.embed_dim // config.side_width_divisor
         info.tapped_layers = config.tapped_layers
     if config.cacheable:
-        kept = num_important_tokens(info.lpm_tokens, config.token_ratio)
-        cached_elements = 2 * len(config.tapped_layers) * geometry.num_heads * kept * geometry.head_dim
+        shape = geometry.feature_shape(len(config.tapped_layers), config.lpm_input_size, config.token_ratio)
+        cached_elements = 2 * math.prod(shape)  # keys and values
         info.num_prompts = config.num_prompts
-        info.tokens_kept_per_layer = kept
+        info.tokens_kept_per_layer = shape[2]
         info.cached_bytes_per_image = {name: cached_elements * dtype.itemsize for name, dtype in CACHE_DTYPES.items()}
     return info
 

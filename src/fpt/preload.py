@@ -18,14 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fpt._version import __version__
-from fpt.cache import CACHE_DTYPES, FeatureCache, RecordLayout, file_stamp
+from fpt.cache import FeatureCache, RecordLayout, file_stamp
 from fpt.config import FPTConfig, Precision, TrainingConfig
 from fpt.data.datasets import ImageDataset
 from fpt.data.loaders import SampleViews, collate, worker_count
 from fpt.data.transforms import Normalization, lpm_view
 from fpt.errors import FPTError
 from fpt.models.base import TransferModel
-from fpt.models.frozen_encoder import num_important_tokens
 from fpt.runtime import autocast, progress_bar, select_device
 
 
@@ -87,18 +86,14 @@ def preload(
         raise FPTError("preloading needs a cache directory (TrainingConfig.cache_dir, --cache DIR)")
     if model.encoder is None:
         raise FPTError("preloading needs the model's LPM (build it with load_lpm=True)")
-    if training.cache_dtype not in CACHE_DTYPES:
-        raise FPTError(f"cache dtype '{training.cache_dtype}' is not one of {', '.join(CACHE_DTYPES)}")
     start = time.perf_counter()
     geometry = model.geometry
     target = select_device(training.device)
     effective_precision = training.precision if target.type == "cuda" else "fp32"  # autocast only runs on GPUs
     digest = weights_digest(model.encoder.model)
     fingerprint = cache_fingerprint(config, digest, normalization, training.cache_dtype, effective_precision)
-    kept = num_important_tokens(geometry.num_tokens(config.lpm_input_size), config.token_ratio)
-    layout = RecordLayout(
-        (len(config.tapped_layers), geometry.num_heads, kept, geometry.head_dim), training.cache_dtype
-    )
+    shape = geometry.feature_shape(len(config.tapped_layers), config.lpm_input_size, config.token_ratio)
+    layout = RecordLayout(shape, training.cache_dtype)
     cache = FeatureCache.create(training.cache_dir, fingerprint, layout, overwrite=overwrite)
 
     samples = {sample.path: sample for split in dataset.splits.values() for sample in split}

@@ -19,7 +19,6 @@ from fpt.config import BackboneSpec, method_variant
 from fpt.data.loaders import Batch
 from fpt.models.base import TransferModel
 from fpt.models.build import build_model
-from fpt.models.frozen_encoder import num_important_tokens
 
 
 @dataclass
@@ -78,9 +77,8 @@ def training_step(
     if not cached:
         lpm_images = images(input_size)
         return TrainingStep(method, model, Batch(label=labels, index=index, side=side_images, lpm=lpm_images))
-    geometry = model.geometry
-    kept = num_important_tokens(geometry.num_tokens(input_size), config.token_ratio)
-    shape = (batch_size, len(model.config.tapped_layers), geometry.num_heads, kept, geometry.head_dim)
+    feature_shape = model.geometry.feature_shape(len(model.config.tapped_layers), input_size, config.token_ratio)
+    shape = (batch_size, *feature_shape)
     keys = torch.randn(shape, generator=generator).to(cache_dtype)
     values = torch.randn(shape, generator=generator).to(cache_dtype)
     return TrainingStep(method, model, Batch(label=labels, index=index, side=side_images, keys=keys, values=values))

@@ -48,6 +48,11 @@ class LPMGeometry:
         """N: prefix tokens (CLS, registers) plus patches for a square input of ``input_size`` pixels."""
         return self.num_prefix_tokens + (input_size // self.patch_size) ** 2
 
+    def feature_shape(self, num_layers: int, input_size: int, token_ratio: float) -> tuple[int, int, int, int]:
+        """[L, H, T, d_head]: the shape of one image's selected keys (and values) at ``input_size`` pixels."""
+        kept = num_important_tokens(self.num_tokens(input_size), token_ratio)
+        return (num_layers, self.num_heads, kept, self.head_dim)
+
 
 def num_important_tokens(num_tokens: int, token_ratio: float) -> int:
     """T = int(N * token_ratio): how many tokens each head keeps."""
