@@ -32,6 +32,7 @@ from fpt.data.datasets import ImageDataset
 from fpt.data.images import load_image
 from fpt.data.transforms import Normalization, lpm_view
 from fpt.models.backbone import BackboneSpec
+from fpt.models.base import TransferModel
 from fpt.models.fpt import FPTModel
 from fpt.preload import PreloadSummary, preload
 from fpt.train import train
@@ -142,23 +143,25 @@ def all_keys(dataset: ImageDataset) -> list[str]:
     return [sample.path for samples in dataset.splits.values() for sample in samples]
 
 
-def reference_features(model: FPTModel, dataset: ImageDataset, normalization: Normalization) -> dict[str, Any]:
-    """``model.encode(lpm_view(image))`` of every image, one image at a time, keyed like the cache."""
+def reference_features(model: TransferModel, dataset: ImageDataset, normalization: Normalization) -> dict[str, Any]:
+    """``model.preload_features(lpm_view(image))`` of every image, one image at a time, keyed like the cache."""
     to_lpm = lpm_view(model.config.lpm_input_size, normalization)
     references = {}
     with torch.no_grad():
         for key in all_keys(dataset):
-            features = model.encode(to_lpm(load_image(dataset.root / key))[None])
-            references[key] = (features.keys[0], features.values[0])
+            features = model.preload_features(to_lpm(load_image(dataset.root / key))[None])
+            references[key] = {name: part[0] for name, part in features.items()}
     return references
 
 
-def assert_features_equal(cached: tuple[Tensor, Tensor], expected: tuple[Tensor, Tensor], dtype: torch.dtype) -> None:
-    """Cached keys/values against the encoder's float32 output: exact for float32, else within ``dtype`` rounding."""
+def assert_features_equal(cached: dict[str, Tensor], expected: dict[str, Tensor], dtype: torch.dtype) -> None:
+    """Cached parts against the encoder's float32 output: exact for float32, else within ``dtype`` rounding."""
     rtol, atol = {torch.float32: (0.0, 0.0), torch.float16: (2**-10, 1e-4), torch.bfloat16: (2**-7, 1e-3)}[dtype]
-    for got, want in zip(cached, expected, strict=True):
-        assert got.dtype == dtype, f"cached dtype {got.dtype}, expected {dtype}"
-        assert got.shape == want.shape, f"cached shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    assert sorted(cached) == sorted(expected)
+    for name, want in expected.items():
+        got = cached[name]
+        assert got.dtype == dtype, f"cached {name} dtype {got.dtype}, expected {dtype}"
+        assert got.shape == want.shape, f"cached {name} shape {tuple(got.shape)}, expected {tuple(want.shape)}"
         torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol)
 
 

@@ -92,8 +92,8 @@ def test_same_file_name_in_two_class_folders_gives_two_entries_each_with_its_own
 
     first, second = cache.get("train/a/img001.png"), cache.get("train/b/img001.png")
 
-    assert not torch.equal(first[0], second[0])
-    assert not torch.equal(first[1], second[1])
+    assert not torch.equal(first["keys"], second["keys"])
+    assert not torch.equal(first["values"], second["values"])
     assert_features_equal(first, references["train/a/img001.png"], torch.float16)
     assert_features_equal(second, references["train/b/img001.png"], torch.float16)
 
@@ -105,7 +105,7 @@ def test_cached_features_equal_the_encoder_output_of_the_lpm_view(tmp_path: Path
 
     cache = FeatureCache.open(tmp_path / "cache")
     # FPT+ on the tiny LPM: layers 2 and 3, 4 heads, int(17 * 0.3) = 5 tokens, 64 / 4 = 16 dims per head
-    assert cache.layout.shape == (2, 4, 5, 16)
+    assert cache.layout.parts == {"keys": (2, 4, 5, 16), "values": (2, 4, 5, 16)}
     assert cache.layout.dtype == dtype
     assert_cache_complete_and_correct(tmp_path / "cache", setup, CACHE_DTYPES[dtype])
 
@@ -116,8 +116,7 @@ def test_batched_preload_stores_the_same_features_as_one_image_at_a_time(tmp_pat
 
     batched, single = FeatureCache.open(tmp_path / "batched"), FeatureCache.open(tmp_path / "single")
     for key in all_keys(setup.dataset):
-        for got, want in zip(batched.get(key), single.get(key), strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched.get(key), single.get(key), rtol=1e-5, atol=1e-5)
 
 
 def test_rerun_computes_nothing_when_everything_is_cached(tmp_path: Path, setup: Setup) -> None:
@@ -147,7 +146,7 @@ def test_manifest_fingerprints_everything_that_determines_the_features(tmp_path:
     }
     assert fingerprint["dtype"] == "bfloat16"
     assert fingerprint["fpt_version"] == fpt.__version__
-    assert manifest["layout"] == {"shape": [2, 4, 5, 16], "dtype": "bfloat16"}
+    assert manifest["layout"] == {"parts": {"keys": [2, 4, 5, 16], "values": [2, 4, 5, 16]}, "dtype": "bfloat16"}
 
 
 def _other_token_ratio(setup: Setup, data: Path, lpm_dir: Path) -> tuple[Setup, dict[str, Any]]:
@@ -234,7 +233,7 @@ def test_overwrite_rebuilds_a_cache_built_with_other_settings(
     assert (summary.computed, summary.reused) == (NUM_IMAGES, 0)
     cache = FeatureCache.open(tmp_path / "cache")
     assert cache.fingerprint["token_ratio"] == 0.5
-    assert cache.layout.shape == (2, 4, 8, 16)  # int(17 * 0.5) = 8 tokens
+    assert cache.layout.parts["keys"] == (2, 4, 8, 16)  # int(17 * 0.5) = 8 tokens
     assert len(list((tmp_path / "cache").glob("shard-*.bin"))) == 1  # the old shards are gone
     assert_cache_complete_and_correct(tmp_path / "cache", other, torch.float32)
 
@@ -245,11 +244,11 @@ def test_interrupted_preload_resumes_computing_only_the_missing_images(
     original_add = CacheWriter.add
     calls = []
 
-    def interrupted_add(self, keys, key_states, value_states, stamps=None):
+    def interrupted_add(self, keys, parts, stamps=None):
         calls.append(len(keys))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        original_add(self, keys, key_states, value_states, stamps)
+        original_add(self, keys, parts, stamps)
 
     monkeypatch.setattr(CacheWriter, "add", interrupted_add)
     with pytest.raises(KeyboardInterrupt):

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from fpt.cli import DEFAULT_CACHE, build_parser, config_from_args, main, training_config_from_args
-from fpt.config import SideOnlyConfig, TrainingConfig, config_from_dict, default_value
+from fpt.config import (
+    PAPER_TRAINING,
+    SideOnlyConfig,
+    TrainingConfig,
+    config_from_dict,
+    default_value,
+    recipe_training,
+)
 from fpt.errors import FPTError
 from tests.pipeline_fixtures import one_line_error
 
@@ -86,3 +93,30 @@ def test_info_json_of_every_method_is_valid(capsys: pytest.CaptureFixture[str], 
         assert main([*args, "--input-size", "64", "--json"]) == 0, method
         info = json.loads(capsys.readouterr().out)
         assert info["method"] == method and info["learnable_params"] > 0
+
+
+def test_recipe_paper_sets_the_official_settings_and_explicit_options_override_it() -> None:
+    parse = build_parser().parse_args
+    paper = parse(["train", "d", "--run", "r", "--recipe", "paper"])
+    training, config = training_config_from_args(paper), config_from_args(paper)
+    assert (training.lr, training.weight_decay, training.weight_decay_scope, training.epochs) == (1e-4, 0.1, "all", 20)
+    assert (training.warmup_epochs, training.min_steps, training.fusion_lr_scale) == (0.0, 0, 1.0)
+    assert config.prompt_dropout == 0.5
+    assert {name: getattr(training, name) for name in PAPER_TRAINING} == PAPER_TRAINING
+
+    overridden = parse(["train", "d", "--run", "r", "--recipe", "paper", "--lr", "1e-3", "--prompt-dropout", "0.1"])
+    assert training_config_from_args(overridden).lr == 1e-3 and training_config_from_args(overridden).epochs == 20
+    assert config_from_args(overridden).prompt_dropout == 0.1
+
+    default = parse(["train", "d", "--run", "r"])
+    assert training_config_from_args(default) == TrainingConfig(cache_dir=DEFAULT_CACHE)
+    linear = parse(["train", "d", "--run", "r", "--recipe", "paper", "--method", "linear"])
+    assert not hasattr(config_from_args(linear), "prompt_dropout")  # the recipe sets only fields a method has
+    with pytest.raises(FPTError, match="unknown recipe 'nope'; choose from default, paper"):
+        recipe_training("nope")
+
+
+def test_min_steps_and_prompt_dropout_reach_the_configs() -> None:
+    args = build_parser().parse_args(["train", "d", "--run", "r", "--min-steps", "500", "--prompt-dropout", "0.2"])
+    assert training_config_from_args(args).min_steps == 500
+    assert config_from_args(args).prompt_dropout == 0.2

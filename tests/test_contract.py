@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fpt
-from fpt.config import METHOD_CONFIGS, METHOD_VARIANTS, BackboneSpec, method_variant
+from fpt.config import METHOD_CONFIGS, METHOD_VARIANTS, BackboneSpec, LinearProbeConfig, method_variant
 from fpt.data.loaders import Batch
 from fpt.models.base import TransferModel
 from fpt.models.build import MODEL_CLASSES, build_model, load_model
@@ -20,7 +20,7 @@ LPM_SIZE, SIDE_SIZE, BATCH, CLASSES = 32, 16, 3, 3
 
 def batch_for(model: TransferModel, cached: bool, seed: int = 0) -> Batch:
     """Random inputs of exactly the kinds the method reads (judged by its config's flags, as the loaders do)."""
-    config, geometry = model.config, model.geometry
+    config = model.config
     generator = torch.Generator().manual_seed(seed)
     batch = Batch(label=torch.arange(BATCH) % CLASSES, index=torch.arange(BATCH))
     if config.side_network:
@@ -28,10 +28,8 @@ def batch_for(model: TransferModel, cached: bool, seed: int = 0) -> Batch:
     if config.uses_lpm and not cached:
         batch.lpm = torch.randn(BATCH, 3, LPM_SIZE, LPM_SIZE, generator=generator)
     if config.uses_lpm and cached:
-        kept = num_important_tokens(geometry.num_tokens(LPM_SIZE), config.token_ratio)
-        shape = (BATCH, len(config.tapped_layers), geometry.num_heads, kept, geometry.head_dim)
-        batch.keys = torch.randn(shape, generator=generator).half()
-        batch.values = torch.randn(shape, generator=generator).half()
+        for name, shape in model.feature_layout().items():
+            setattr(batch, name, torch.randn(BATCH, *shape, generator=generator).half())
     return batch
 
 
@@ -80,3 +78,22 @@ def test_the_package_exports_resolve_lazily_to_their_modules() -> None:
     assert fpt.build_model is build_model and fpt.BackboneSpec is BackboneSpec
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = fpt.nope
+
+
+@pytest.mark.parametrize("method", ["fpt", "fpt+"])
+def test_the_cached_record_of_fpt_is_the_kept_tokens_of_each_tapped_layer(tiny_spec: BackboneSpec, method: str) -> None:
+    config = METHOD_CONFIGS[method](backbone=tiny_spec, num_classes=CLASSES, lpm_input_size=LPM_SIZE)
+    model = build_model(config, load_lpm=False)
+    geometry = model.geometry
+    kept = num_important_tokens(geometry.num_tokens(LPM_SIZE), config.token_ratio)
+    shape = (len(model.config.tapped_layers), geometry.num_heads, kept, geometry.head_dim)
+    assert model.feature_layout() == {"keys": shape, "values": shape}
+
+
+@pytest.mark.parametrize(("pooling", "width"), [("cls", 1), ("mean", 1), ("cls+mean", 2)])
+def test_the_cached_record_of_the_linear_probe_is_one_pooled_embedding(
+    tiny_spec: BackboneSpec, pooling: str, width: int
+) -> None:
+    config = LinearProbeConfig(backbone=tiny_spec, num_classes=CLASSES, lpm_input_size=LPM_SIZE, pooling=pooling)
+    model = build_model(config, load_lpm=False)
+    assert model.feature_layout() == {"embedding": (width * model.geometry.embed_dim,)}

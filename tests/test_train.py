@@ -265,7 +265,7 @@ def test_resume_restores_optimizer_scheduler_rng_and_best_score(
     seen: dict[str, Any] = {}
     train_epoch = fpt.train.Trainer.train_epoch
 
-    def spy(trainer, loader, epoch, progress):
+    def spy(trainer, loader, epoch, epochs, progress):
         optimizer = trainer.state.optimizer
         seen.update(
             epoch=epoch,
@@ -274,7 +274,7 @@ def test_resume_restores_optimizer_scheduler_rng_and_best_score(
             step=optimizer.state_dict()["state"][0]["step"].item(),
             exp_avg=optimizer.state_dict()["state"][0]["exp_avg"].clone(),
         )
-        return train_epoch(trainer, loader, epoch, progress)
+        return train_epoch(trainer, loader, epoch, epochs, progress)
 
     monkeypatch.setattr(fpt.train.Trainer, "train_epoch", spy)
     results = resume(tmp_path / "run", progress=False)
@@ -392,10 +392,10 @@ def test_training_preloads_only_the_missing_images_and_never_runs_the_lpm_itself
     dataset, model, normalization = prepare(image_data, config, fast_training(None), progress=False)
     add = CacheWriter.add
 
-    def add_one_batch_only(self, keys, key_states, value_states, stamps=None):
+    def add_one_batch_only(self, keys, parts, stamps=None):
         if len(self.cache) >= 8:
             raise KeyboardInterrupt
-        add(self, keys, key_states, value_states, stamps)
+        add(self, keys, parts, stamps)
 
     monkeypatch.setattr(CacheWriter, "add", add_one_batch_only)
     with pytest.raises(KeyboardInterrupt):
@@ -567,3 +567,17 @@ def test_the_optimizer_options_reach_the_run_and_its_schedule(
         TrainingConfig(weight_decay_scope="some")
     with pytest.raises(FPTError, match="fusion learning-rate scale must be positive"):
         TrainingConfig(fusion_lr_scale=0)
+
+
+def test_min_steps_raises_the_epochs_of_a_small_training_set(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    # 12 training images at batch 4: 3 steps an epoch, so 7 steps need 3 epochs where 1 was asked for
+    training = fast_training(tmp_path / "cache", epochs=1, min_steps=7)
+    train(image_data, tmp_path / "run", tiny_config(tiny_lpm_dir), training, progress=False)
+
+    assert [line["epoch"] for line in metric_lines(tmp_path / "run")] == [1, 2, 3]
+    assert read_json(tmp_path / "run" / "run.json")["training"]["min_steps"] == 7
+    assert training.scheduled_epochs(100) == 1  # a large set keeps its epochs
+    with pytest.raises(FPTError, match="min_steps must not be negative"):
+        fast_training(None, min_steps=-1)

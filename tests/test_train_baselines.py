@@ -43,7 +43,6 @@ pytest_plugins = ("tests.pipeline_fixtures",)
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "full": {},
-    "linear": {},
     "vpt-deep": {"num_prompts": 2},
     "lora": {"rank": 2},
     "adapter": {"bottleneck_dim": 8},
@@ -108,21 +107,6 @@ def test_each_baseline_trains_without_a_feature_cache_and_its_run_evaluates_to_i
 
     assert evaluate_run(tmp_path / "run", checkpoint="best", device="cpu") == results.best
     assert evaluate_run(tmp_path / "run", checkpoint="last", device="cpu") == results.last
-
-
-def test_a_linear_probe_checkpoint_holds_only_the_trained_head(
-    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
-) -> None:
-    train(image_data, tmp_path / "run", baseline_config("linear", tiny_lpm_dir), fast_training(None), progress=False)
-
-    weights = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
-
-    assert {name: tuple(t.shape) for name, t in weights.items()} == {
-        "backbone.head.weight": (len(CLASSES), WIDTH),
-        "backbone.head.bias": (len(CLASSES),),
-    }
-    optimizer = load_file(tmp_path / "run" / "checkpoints" / "last" / "optimizer.safetensors")
-    assert {key.split(".")[1] for key in optimizer if key.startswith("optimizer.")} == {"0", "1"}  # head only
 
 
 def _run(tmp_path: Path, image_data: Path, config: MethodConfig, training: TrainingConfig) -> Run:
@@ -268,7 +252,6 @@ def test_cli_refuses_an_option_the_method_does_not_have_in_one_line(
         ("adapter", ["--adapter-dim", "8"], HEAD + DEPTH * (WIDTH * 8 + 8 + 8 * WIDTH + WIDTH), LPM_PARAMS),
         ("lora", ["--lora-rank", "2"], HEAD + DEPTH * 2 * (WIDTH + 3 * WIDTH), LPM_PARAMS),
         ("vpt-deep", ["--num-prompts", "5"], HEAD + DEPTH * 5 * WIDTH, LPM_PARAMS),
-        ("linear", [], HEAD, LPM_PARAMS),
         ("full", [], LPM_PARAMS + HEAD, 0),
     ],
 )

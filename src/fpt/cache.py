@@ -1,14 +1,15 @@
-"""Storage of preloaded LPM features: the selected keys/values of every image, memory-mapped.
+"""Storage of preloaded LPM features of every image, memory-mapped: the selected keys/values (FPT, FPT+) or a
+pooled embedding (the linear probe).
 
 This module only stores and reads records; it knows nothing of models or datasets (``fpt.preload`` runs the
 LPM over a dataset and writes here).
 
 A cache directory holds ``manifest.json`` (the fingerprint of everything that determines the features,
-and the record layout), ``index.jsonl`` (one line per image: its path relative to the data root, shard
-and slot) and a few large ``shard-NNNNN.bin`` files of fixed-size records (keys then values,
-[2, L, H, T, d_head] in the cache dtype). A record's data is written and synced before its index line,
-so an interrupted run (kill -9 included) never leaves a visible half-written entry; rerunning computes
-only what the index lacks.
+and the record layout: named parts and their shapes), ``index.jsonl`` (one line per image: its path relative
+to the data root, shard and slot) and a few large ``shard-NNNNN.bin`` files of fixed-size records (the
+parts one after another in the cache dtype, e.g. keys then values, each [L, H, T, d_head]). A record's data is
+written and synced before its index line, so an interrupted run (kill -9 included) never leaves a visible
+half-written entry; rerunning computes only what the index lacks.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ except ImportError:  # Windows: no advisory locks; concurrent preloads into one 
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.jsonl"
 LOCK_NAME = "cache.lock"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: keys and values only, "layout": {"shape", "dtype"}; still read
 SHARD_BYTES = 2 * 2**30
 CACHE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}
 
@@ -59,9 +60,10 @@ class CacheEntry(NamedTuple):
 
 @dataclass(frozen=True)
 class RecordLayout:
-    """Shape [L, H, T, d_head] and dtype of one image's cached keys (and, equally, values)."""
+    """The named parts of one image's record and their shapes (e.g. keys and values, each [L, H, T, d_head]),
+    all in one dtype."""
 
-    shape: tuple[int, int, int, int]
+    parts: dict[str, tuple[int, ...]]
     dtype: str
 
     @property
@@ -70,7 +72,18 @@ class RecordLayout:
 
     @property
     def nbytes(self) -> int:
-        return 2 * int(np.prod(self.shape)) * self.torch_dtype.itemsize
+        return sum(int(np.prod(shape)) for shape in self.parts.values()) * self.torch_dtype.itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parts": {name: list(shape) for name, shape in self.parts.items()}, "dtype": self.dtype}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> RecordLayout:
+        layout = manifest["layout"]
+        if manifest["format"] == 1:
+            shape = tuple(layout["shape"])
+            return cls({"keys": shape, "values": shape}, layout["dtype"])
+        return cls({name: tuple(shape) for name, shape in layout["parts"].items()}, layout["dtype"])
 
 
 class FeatureCache:
@@ -91,16 +104,18 @@ class FeatureCache:
         if not manifest_path.is_file():
             raise FPTError(f"no feature cache at {directory} (no {MANIFEST_NAME}); build it with `fpt preload`")
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != CACHE_FORMAT:
-            raise FPTError(f"{manifest_path} has cache format {manifest.get('format')}, expected {CACHE_FORMAT}")
+        if manifest.get("format") not in (1, CACHE_FORMAT):
+            raise FPTError(
+                f"{manifest_path} has cache format {manifest.get('format')}, this fpt reads 1 and {CACHE_FORMAT}; "
+                f"rebuild it with `fpt preload ... --cache {directory} --overwrite`"
+            )
         if fingerprint is not None and manifest["fingerprint"] != fingerprint:
             differences = "; ".join(fingerprint_differences(fingerprint, manifest["fingerprint"]))
             raise FPTError(
                 f"the feature cache at {directory} was built with other settings ({differences}); rebuild it with "
                 f"`fpt preload ... --cache {directory} --overwrite` or pass another --cache directory"
             )
-        layout = RecordLayout(tuple(manifest["layout"]["shape"]), manifest["layout"]["dtype"])
-        return cls(directory, manifest["fingerprint"], layout)
+        return cls(directory, manifest["fingerprint"], RecordLayout.from_manifest(manifest))
 
     @classmethod
     def create(
@@ -118,11 +133,7 @@ class FeatureCache:
                 if path.name in (MANIFEST_NAME, INDEX_NAME) or path.name.startswith("shard-"):
                     path.unlink()
         directory.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": CACHE_FORMAT,
-            "fingerprint": fingerprint,
-            "layout": {"shape": list(layout.shape), "dtype": layout.dtype},
-        }
+        manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "layout": layout.to_dict()}
         temporary = directory / f"{MANIFEST_NAME}.tmp"
         try:
             temporary.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -151,8 +162,8 @@ class FeatureCache:
     def size_on_disk(self) -> int:
         return sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
 
-    def get(self, key: str) -> tuple[Tensor, Tensor]:
-        """Cached keys and values of one image, each [L, H, T, d_head] in the cache dtype."""
+    def get(self, key: str) -> dict[str, Tensor]:
+        """The cached parts of one image (e.g. ``keys`` and ``values``, each [L, H, T, d_head]) in the cache dtype."""
         try:
             shard, slot, _ = self.entries[key]
         except KeyError:
@@ -163,8 +174,12 @@ class FeatureCache:
             self._shards[shard] = np.memmap(self.directory / shard, dtype=np.uint8, mode="r")
         size = self.layout.nbytes
         raw = torch.from_numpy(np.array(self._shards[shard][slot * size : (slot + 1) * size]))
-        keys, values = raw.view(self.layout.torch_dtype).view(2, *self.layout.shape)
-        return keys, values
+        flat = raw.view(self.layout.torch_dtype)
+        sizes = [int(np.prod(shape)) for shape in self.layout.parts.values()]
+        return {
+            name: part.view(shape)
+            for (name, shape), part in zip(self.layout.parts.items(), flat.split(sizes), strict=True)
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_shards": {}}
@@ -194,17 +209,17 @@ class CacheWriter:
         self.slots = 0
 
     def add(
-        self,
-        keys: Sequence[str],
-        key_states: Tensor,
-        value_states: Tensor,
-        stamps: Sequence[list[int] | None] | None = None,
+        self, keys: Sequence[str], parts: dict[str, Tensor], stamps: Sequence[list[int] | None] | None = None
     ) -> None:
-        """Store a batch: image keys, their keys/values [B, L, H, T, d_head] and their files' ``file_stamp``."""
+        """Store a batch: image keys, their parts ([B, *shape] each, named as in the layout) and their files'
+        ``file_stamp``."""
         stamps = stamps if stamps is not None else [None] * len(keys)
         layout = self.cache.layout
-        records = torch.stack([key_states, value_states], dim=1).to("cpu", layout.torch_dtype).contiguous()
-        data = records.view(len(keys), -1).view(torch.uint8).numpy()
+        if set(parts) != set(layout.parts):
+            raise FPTError(f"cache record parts {sorted(parts)} do not match the layout's {sorted(layout.parts)}")
+        flat = [parts[name].reshape(len(keys), -1) for name in layout.parts]
+        records = torch.cat(flat, dim=1).to("cpu", layout.torch_dtype).contiguous()
+        data = records.view(torch.uint8).numpy()
         try:
             if self.shard is None or (self.slots + len(keys)) * layout.nbytes > SHARD_BYTES:
                 self._next_shard()

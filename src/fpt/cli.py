@@ -21,7 +21,9 @@ from fpt.config import (
     METHOD_VARIANTS,
     METRIC_NAMES,
     NORMALIZATIONS,
+    POOLINGS,
     PRECISIONS,
+    RECIPES,
     WEIGHT_DECAY_SCOPES,
     AdapterConfig,
     Augmentation,
@@ -29,12 +31,16 @@ from fpt.config import (
     DemoSettings,
     FPTConfig,
     FPTPlusConfig,
+    LinearProbeConfig,
     LoRAConfig,
     MethodConfig,
     SynthTask,
     TrainingConfig,
     VPTDeepConfig,
+    cacheable_methods,
     default_value,
+    recipe_model,
+    recipe_training,
 )
 from fpt.errors import FPTError
 
@@ -341,6 +347,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: b
         help=f"token importance rule (preset: {preset(FPTConfig, 'importance')})",
     )
     group.add_argument(
+        "--prompt-dropout",
+        type=float,
+        metavar="P",
+        help=f"dropout on the fused prompts (preset: {preset(FPTConfig, 'prompt_dropout')}) or on the prompts "
+        f"(vpt-deep: {preset(VPTDeepConfig, 'prompt_dropout')})",
+    )
+    group.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help=f"linear: the embedding the probe reads (preset: {preset(LinearProbeConfig, 'pooling')})",
+    )
+    group.add_argument(
         "--lora-rank",
         type=int,
         metavar="R",
@@ -406,6 +424,8 @@ MODEL_OPTIONS = {  # config field: command-line option
     "num_prompts": "--num-prompts",
     "token_ratio": "--token-ratio",
     "importance": "--importance",
+    "prompt_dropout": "--prompt-dropout",
+    "pooling": "--pooling",
     "rank": "--lora-rank",
     "alpha": "--lora-alpha",
     "bottleneck_dim": "--adapter-dim",
@@ -427,7 +447,7 @@ def config_from_args(args: argparse.Namespace) -> MethodConfig:
     return config_class(
         backbone=backbone_from_args(args),
         num_classes=getattr(args, "num_classes", None) or 1,
-        **given,
+        **{**recipe_model(getattr(args, "recipe", "default"), config_class), **given},
     )
 
 
@@ -438,7 +458,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cache-dtype",
         choices=CACHE_DTYPE_NAMES,
-        help=f"dtype of cached keys/values (default: {default('cache_dtype')})",
+        help=f"dtype of cached features (default: {default('cache_dtype')})",
     )
     group.add_argument(
         "--norm",
@@ -476,7 +496,21 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
     group = parser.add_argument_group("training")
     if with_cache_option:
         group.add_argument("--no-cache", action="store_true", help="run the LPM on the fly instead of caching features")
+    group.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="default",
+        help="default: fpt's defaults; paper: the official code's settings (lr 1e-4, weight decay 0.1 on every "
+        "parameter, 20 epochs, no warm-up, prompt dropout 0.5), for reproducing the papers; options given "
+        "explicitly override either (default: %(default)s)",
+    )
     group.add_argument("--epochs", type=int, help=f"training epochs (default: {default('epochs')})")
+    group.add_argument(
+        "--min-steps",
+        type=int,
+        metavar="N",
+        help=f"run at least N optimizer steps, raising the epochs on small data (default: {default('min_steps')})",
+    )
     group.add_argument("--lr", type=float, help=f"peak learning rate (default: {default('lr'):g})")
     group.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
     group.add_argument(
@@ -529,6 +563,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
 
 TRAINING_OPTIONS = {  # TrainingConfig field: parsed option (absent from commands that do not offer it)
     "epochs": "epochs",
+    "min_steps": "min_steps",
     "batch_size": "batch_size",
     "lr": "lr",
     "weight_decay": "weight_decay",
@@ -557,7 +592,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         values = {name: getattr(args, option, None) for name, option in options.items()}
         return {name: value for name, value in values.items() if value is not None}
 
-    options = given(TRAINING_OPTIONS)
+    options = {**recipe_training(getattr(args, "recipe", "default")), **given(TRAINING_OPTIONS)}
     clip = getattr(args, "clip_grad_norm", None)
     if clip is not None:
         options["clip_grad_norm"] = clip or None
@@ -582,7 +617,7 @@ def _run_preload(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if not config.cacheable:
-        raise FPTError(f"--method {args.method} has no LPM features to preload; only fpt and fpt+ train from a cache")
+        raise FPTError(f"--method {args.method} has no LPM features to preload; only {cacheable_methods()} do")
     training = training_config_from_args(args)
     dataset, model, normalization = prepare(args.data, config, training)
     summary = preload(model, dataset, normalization, training, overwrite=args.overwrite)

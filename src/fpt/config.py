@@ -9,6 +9,7 @@ config round-trips through JSON (``config.json``); ``METHOD_CONFIGS`` is the reg
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -19,6 +20,8 @@ CONFIG_NAME = "config.json"
 
 Importance = Literal["global", "cls"]
 IMPORTANCE_RULES: tuple[str, ...] = ("global", "cls")
+Pooling = Literal["cls", "mean", "cls+mean"]
+POOLINGS: tuple[str, ...] = ("cls", "mean", "cls+mean")
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 CACHE_DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -83,6 +86,8 @@ class MethodConfig:
         trains_lpm: every LPM weight is trained (and saved), so the pre-trained ones need not be read on loading.
         retired_fields: fields that earlier versions wrote into ``config.json`` but the method never used; they
             are dropped on loading, so those models and runs still load.
+        legacy_defaults: values of fields that earlier versions did not write, for a ``config.json`` without them
+            (where today's default would describe another model).
     """
 
     method: ClassVar[str]
@@ -91,6 +96,7 @@ class MethodConfig:
     cacheable: ClassVar[bool] = False
     trains_lpm: ClassVar[bool] = False
     retired_fields: ClassVar[tuple[str, ...]] = ()
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     backbone: BackboneSpec
     num_classes: int
@@ -222,9 +228,26 @@ class FullFineTuningConfig(MethodConfig):
 
 @dataclass
 class LinearProbeConfig(MethodConfig):
-    """Linear probing: the LPM frozen, only a new classifier head trained."""
+    """Linear probing: a linear classifier on one pooled embedding per image from the frozen LPM (the
+    practitioners' baseline). The LPM's input is never augmented, so the embeddings are preloaded like FPT's
+    keys/values, and training reads a few KB per image.
+
+    Attributes:
+        pooling: the embedding, from the LPM's final (normalised) tokens: "cls" (the CLS token), "mean" (the
+            mean of the patch tokens) or "cls+mean" (both, concatenated: twice the LPM's width).
+    """
 
     method: ClassVar[str] = "linear"
+    cacheable: ClassVar[bool] = True
+    # fpt 0.1.0 trained the LPM's own head on its CLS token and wrote no pooling field
+    legacy_defaults: ClassVar[dict[str, Any]] = {"pooling": "cls"}
+
+    pooling: Pooling = "cls+mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in POOLINGS:
+            raise FPTError(f"pooling must be one of {POOLINGS}, got '{self.pooling}'")
 
 
 @dataclass
@@ -308,6 +331,12 @@ METHOD_VARIANTS: tuple[str, ...] = (
 )
 
 
+def cacheable_methods() -> str:
+    """The methods that train from a feature cache, for messages: "linear, fpt and fpt+"."""
+    names = [name for name, config in METHOD_CONFIGS.items() if config.cacheable]
+    return ", ".join(names[:-1]) + f" and {names[-1]}"
+
+
 def method_variant(name: str) -> tuple[type[MethodConfig], bool]:
     """The config class of a ``METHOD_VARIANTS`` name and whether it trains from the feature cache."""
     if name not in METHOD_VARIANTS:
@@ -356,6 +385,7 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
         raise FPTError(f"unknown method '{method}'; expected one of {sorted(METHOD_CONFIGS)}")
     config_class = METHOD_CONFIGS[method]
     data = {key: value for key, value in data.items() if key not in config_class.retired_fields}
+    data = {**config_class.legacy_defaults, **data}
     return config_class(**_known_fields(config_class, data, f"{method} config"))
 
 
@@ -392,6 +422,8 @@ class TrainingConfig:
 
     Attributes:
         epochs, batch_size, lr: schedule length, batch size and peak learning rate.
+        min_steps: the schedule runs at least this many optimizer steps: on a small training set the epochs are
+            raised to reach it (0: exactly ``epochs``).
         weight_decay, betas: AdamW settings.
         weight_decay_scope: "all" decays every trainable parameter (the official code); "weights" only the
             weight matrices of linear and convolution layers, not prompts, tokens, position embeddings, norms
@@ -408,7 +440,7 @@ class TrainingConfig:
         num_workers: DataLoader workers (None: one per spare core, at most 4).
         cache_dir: feature cache directory (preloaded LPM keys/values); None (the default for the API; the
             command line's is ``fpt-cache``) runs the LPM on the fly and writes nothing.
-        cache_dtype: dtype of cached keys/values.
+        cache_dtype: dtype of the cached features (keys/values or embeddings).
         normalization: "backbone" (the LPM's pre-training mean/std) or "auto" (training-set statistics).
         augmentation: training-time augmentation of the side view (FPT) or of the high-resolution view
             (the baselines, which train through the LPM).
@@ -416,6 +448,7 @@ class TrainingConfig:
     """
 
     epochs: int = 20
+    min_steps: int = 0
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.1
@@ -452,6 +485,8 @@ class TrainingConfig:
             raise FPTError(f"cache dtype '{self.cache_dtype}' is not one of {', '.join(CACHE_DTYPE_NAMES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise FPTError("epochs and batch size must be positive")
+        if self.min_steps < 0:
+            raise FPTError(f"min_steps must not be negative, got {self.min_steps}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise FPTError("learning rate must be positive, weight decay and warm-up not negative")
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
@@ -471,12 +506,48 @@ class TrainingConfig:
         if not 0 <= augmentation.hflip <= 1 or augmentation.brightness < 0 or augmentation.contrast < 0:
             raise FPTError("flip probability must be in [0, 1] and jitter strengths not negative")
 
+    def scheduled_epochs(self, steps_per_epoch: int) -> int:
+        """The epochs to run: ``epochs``, or more where that many are needed to reach ``min_steps`` steps."""
+        return max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
         return cls(**_known_fields(cls, data, "training config"))
+
+
+# The official code's settings (the papers' recipe), for reproducing the papers: ``--recipe paper``. Where fpt's
+# defaults differ, BENCHMARKS.md has the ablation behind each difference.
+PAPER_TRAINING: dict[str, Any] = {
+    "epochs": 20,
+    "min_steps": 0,
+    "lr": 1e-4,
+    "weight_decay": 0.1,
+    "weight_decay_scope": "all",
+    "fusion_lr_scale": 1.0,
+    "warmup_epochs": 0.0,
+}
+PAPER_FUSION: dict[str, Any] = {"prompt_dropout": 0.5}  # FPT and FPT+ fields; prompts start at std 1e-6 in both
+RECIPES: tuple[str, ...] = ("default", "paper")
+
+
+def recipe_training(recipe: str) -> dict[str, Any]:
+    """The ``TrainingConfig`` fields a recipe sets ("default": none, fpt's defaults; "paper": the official ones)."""
+    _check_recipe(recipe)
+    return dict(PAPER_TRAINING) if recipe == "paper" else {}
+
+
+def recipe_model(recipe: str, config_class: type[MethodConfig]) -> dict[str, Any]:
+    """The fields of ``config_class`` a recipe sets (the paper recipe sets FPT's and FPT+'s fusion fields)."""
+    _check_recipe(recipe)
+    return dict(PAPER_FUSION) if recipe == "paper" and issubclass(config_class, FPTConfig) else {}
+
+
+def _check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise FPTError(f"unknown recipe '{recipe}'; choose from {', '.join(RECIPES)}")
 
 
 IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fpt.cache import CACHE_DTYPES
+from fpt.config import FPTConfig
 from fpt.models.base import TransferModel
 from fpt.models.frozen_encoder import LPMGeometry
 from fpt.render import mib
@@ -76,11 +77,12 @@ def model_info(model: TransferModel) -> ModelInfo:
         info.side_width = geometry.embed_dim // config.side_width_divisor
         info.tapped_layers = config.tapped_layers
     if config.cacheable:
-        shape = geometry.feature_shape(len(config.tapped_layers), config.lpm_input_size, config.token_ratio)
-        cached_elements = 2 * math.prod(shape)  # keys and values
-        info.num_prompts = config.num_prompts
-        info.tokens_kept_per_layer = shape[2]
+        layout = model.feature_layout()
+        cached_elements = sum(math.prod(shape) for shape in layout.values())
         info.cached_bytes_per_image = {name: cached_elements * dtype.itemsize for name, dtype in CACHE_DTYPES.items()}
+    if isinstance(config, FPTConfig):
+        info.num_prompts = config.num_prompts
+        info.tokens_kept_per_layer = model.feature_layout()["keys"][2]
     return info
 
 

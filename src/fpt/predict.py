@@ -13,6 +13,7 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import Tensor
 
+from fpt.config import FPTConfig
 from fpt.data.images import load_image
 from fpt.data.loaders import Batch
 from fpt.data.transforms import lpm_view, side_view
@@ -77,7 +78,7 @@ def predict_images(
     target = select_device(device or run.training.device)
     model = load_model(directory).to(target).eval()
     config = model.config
-    if explain_dir is not None and not config.cacheable:
+    if explain_dir is not None and not isinstance(config, FPTConfig):
         raise FPTError(f"--explain needs fine-grained prompts (fpt, fpt+); this run trained {config.method}")
     to_lpm = lpm_view(config.lpm_input_size, run.normalization)
     to_side = side_view(config.side_input_size, run.normalization, augmentation=None) if config.side_network else None

@@ -1,8 +1,9 @@
-"""Preloading (``fpt preload``): run the frozen LPM once over a dataset and store the selected keys/values.
+"""Preloading (``fpt preload``): run the frozen LPM once over a dataset and store what the method reads of it:
+the selected keys/values (FPT, FPT+) or a pooled embedding (the linear probe).
 
-The LPM is frozen and its input never augmented, so each image's important-token keys/values are the same
-in every epoch: computed once here, they are read from ``fpt.cache`` during training, which then never runs
-the LPM. The cache's fingerprint records everything that determines them.
+The LPM is frozen and its input never augmented, so each image's features are the same in every epoch:
+computed once here, they are read from ``fpt.cache`` during training, which then never runs the LPM. The
+cache's fingerprint records everything that determines them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from fpt._version import __version__
 from fpt.cache import FeatureCache, RecordLayout, file_stamp
-from fpt.config import FPTConfig, Precision, TrainingConfig
+from fpt.config import BackboneSpec, Precision, TrainingConfig, cacheable_methods
 from fpt.data.datasets import ImageDataset
 from fpt.data.loaders import SampleViews, collate, worker_count
 from fpt.data.transforms import Normalization, lpm_view
@@ -48,16 +49,19 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def cache_fingerprint(
-    config: FPTConfig, weights_sha256: str, normalization: Normalization, dtype: str, precision: Precision
+    backbone: BackboneSpec,
+    weights_sha256: str,
+    feature_settings: dict[str, Any],
+    normalization: Normalization,
+    dtype: str,
+    precision: Precision,
 ) -> dict[str, Any]:
-    """Everything that determines the cached features of an image."""
+    """Everything that determines the cached features of an image (``feature_settings``: the method's own, from
+    ``TransferModel.feature_settings``)."""
     return {
-        "backbone": config.backbone.to_dict(),
+        "backbone": backbone.to_dict(),
         "weights_sha256": weights_sha256,
-        "lpm_input_size": config.lpm_input_size,
-        "tapped_layers": config.tapped_layers,
-        "token_ratio": config.token_ratio,
-        "importance": config.importance,
+        **feature_settings,
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "dtype": dtype,
         "precision": precision,
@@ -81,25 +85,24 @@ def preload(
     """
     config = model.config
     if not config.cacheable:
-        raise FPTError(f"{config.method} has no LPM features to preload (only fpt and fpt+ train from a feature cache)")
+        raise FPTError(f"{config.method} has no LPM features to preload; only {cacheable_methods()} train from a cache")
     if training.cache_dir is None:
         raise FPTError("preloading needs a cache directory (TrainingConfig.cache_dir, --cache DIR)")
-    if model.encoder is None:
-        raise FPTError("preloading needs the model's LPM (build it with load_lpm=True)")
     start = time.perf_counter()
-    geometry = model.geometry
+    lpm = model.frozen_lpm()  # raises for a model built without its LPM
     target = select_device(training.device)
     effective_precision = training.precision if target.type == "cuda" else "fp32"  # autocast only runs on GPUs
-    digest = weights_digest(model.encoder.model)
-    fingerprint = cache_fingerprint(config, digest, normalization, training.cache_dtype, effective_precision)
-    shape = geometry.feature_shape(len(config.tapped_layers), config.lpm_input_size, config.token_ratio)
-    layout = RecordLayout(shape, training.cache_dtype)
+    digest = weights_digest(lpm)
+    fingerprint = cache_fingerprint(
+        config.backbone, digest, model.feature_settings(), normalization, training.cache_dtype, effective_precision
+    )
+    layout = RecordLayout(model.feature_layout(), training.cache_dtype)
     cache = FeatureCache.create(training.cache_dir, fingerprint, layout, overwrite=overwrite)
 
     samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
     with cache.writer() as writer:  # holds the cache's lock: a concurrent preload waits, then reuses our work
         missing = [samples[key] for key in cache.missing(list(samples), dataset.root)]
-        encoder = model.encoder.to(target)
+        lpm.to(target)
         views = SampleViews(dataset.root, missing, lpm_view=lpm_view(config.lpm_input_size, normalization))
         loader = DataLoader(
             views,
@@ -112,10 +115,10 @@ def preload(
         with bar:
             for batch in loader:
                 with autocast(target, training.precision):
-                    features = encoder(batch.to(target).lpm)
+                    features = model.preload_features(batch.to(target).lpm)
                 paths = [missing[i].path for i in batch.index.tolist()]
                 stamps = [file_stamp(dataset.root / path) for path in paths]
-                writer.add(paths, features.keys, features.values, stamps)
+                writer.add(paths, features, stamps)
                 bar.update(len(paths))
     return PreloadSummary(
         cache_dir=Path(training.cache_dir),

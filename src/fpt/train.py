@@ -101,15 +101,14 @@ class Trainer:
     device: torch.device
     training: TrainingConfig
 
-    def train_epoch(self, loader: DataLoader, epoch: int, progress: bool) -> EpochStats:
-        """One pass over ``loader``; returns the mean training loss and the mean gradient norms."""
+    def train_epoch(self, loader: DataLoader, epoch: int, epochs: int, progress: bool) -> EpochStats:
+        """One pass over ``loader`` (epoch ``epoch`` of ``epochs``, 0-based); returns the mean training loss and the
+        mean gradient norms."""
         training, optimizer, scaler = self.training, self.state.optimizer, self.state.scaler
         self.model.train()
         total, count = 0.0, 0
         norms: dict[str, Tensor] = {}
-        bar = progress_bar(
-            loader, enabled=progress, desc=f"epoch {epoch + 1}/{training.epochs}", unit="batch", leave=False
-        )
+        bar = progress_bar(loader, enabled=progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
         for batch in bar:
             batch = batch.to(self.device)
             with autocast(self.device, training.precision):
@@ -169,7 +168,8 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
     train_loader = run.loader("train", cache, generator)
     val_loader = run.loader("val", cache)
     optimizer = torch.optim.AdamW(parameter_groups(model, training), lr=training.lr, betas=training.betas)
-    total_steps = training.epochs * len(train_loader)
+    epochs = training.scheduled_epochs(len(train_loader))
+    total_steps = epochs * len(train_loader)
     warmup_steps = round(training.warmup_epochs * len(train_loader))
     state = TrainingState(
         optimizer=optimizer,
@@ -191,10 +191,10 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
     truncate_metrics(run.directory / METRICS_FILE, start_epoch)
 
     with SummaryWriter(str(run.directory / TENSORBOARD_DIR), purge_step=start_epoch + 1) as board:
-        for epoch in range(start_epoch, training.epochs):
+        for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
             generator.manual_seed(training.seed + epoch)
-            stats = trainer.train_epoch(train_loader, epoch, progress)
+            stats = trainer.train_epoch(train_loader, epoch, epochs, progress)
             labels, probabilities, val_loss = predict_loader(model, val_loader, device, training.precision)
             with autocast(device, training.precision):
                 readings = model.diagnostics(diagnostic_batch.to(device))
@@ -225,7 +225,7 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunRes
             if progress:
                 shown = f"{score:.4f}" if score is not None else "n/a"
                 print(
-                    f"epoch {epoch + 1}/{training.epochs}: train loss {stats.loss:.4f}, val loss {val_loss:.4f}, "
+                    f"epoch {epoch + 1}/{epochs}: train loss {stats.loss:.4f}, val loss {val_loss:.4f}, "
                     f"val {training.selection_metric} {shown}{' (best)' if improved else ''}"
                 )
     results = evaluate_checkpoints(run, model, device, cache, best["epoch"] if best else None)

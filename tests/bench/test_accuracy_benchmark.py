@@ -143,7 +143,7 @@ def test_markdown_row_shows_the_numbers_of_the_result(bench: tuple[Path, Accurac
 
     assert lines[2].startswith("| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME |")
     assert lines[4] == (
-        f"| linear | {row.auc:.3f} | {row.accuracy:.3f} | {row.kappa:.3f} | 195 | "
+        f"| linear | {row.auc:.3f} | {row.accuracy:.3f} | {row.kappa:.3f} | 387 | "
         f"{100 * row.param_ratio:.2f} % | {row.peak_bytes / MiB:,.1f} MiB (measured) | "
         f"{100 * row.memory_ratio:.2f} % | {row.ppe:.3f} | {row.pme:.3f} | {row.train_seconds:.0f} s |"
     )
@@ -282,9 +282,11 @@ def test_cli_trains_meters_and_prints_the_table(
     assert list(result["methods"]) == ["linear"]
     row = result["methods"]["linear"]
     assert row["auc"] == read_json(out / "runs" / "linear" / "results.json")["best"]["auc"]
-    assert row["learnable_params"] == 64 * 3 + 3
+    assert row["learnable_params"] == 2 * 64 * 3 + 3  # on the CLS token and the mean patch token
     assert result["setting"]["training"]["epochs"] == 1
-    assert not (tmp_path / "fpt-cache").exists()  # linear probing trains through the LPM: nothing is preloaded
+    run = read_json(out / "runs" / "linear" / "run.json")  # the probe trains from preloaded embeddings
+    assert run["cache_fingerprint"]["pooling"] == "cls+mean"
+    assert run["training"]["cache_dir"] == str((tmp_path / "fpt-cache" / "linear").resolve())
 
 
 def test_a_run_trained_with_other_settings_is_not_reused(

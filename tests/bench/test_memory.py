@@ -102,5 +102,5 @@ def test_learnable_parameters_per_method(tiny_spec: BackboneSpec) -> None:
     lpm = load_backbone(tiny_spec, pretrained=False)
     lpm.reset_classifier(3)
     assert learnable["full"] == sum(p.numel() for p in lpm.parameters())
-    assert learnable["linear"] == 64 * 3 + 3  # the new head only
+    assert learnable["linear"] == learnable["linear/no-cache"] == 2 * 64 * 3 + 3  # a head on CLS + mean token
     assert learnable["side-only"] < learnable["fpt+"]

@@ -90,7 +90,7 @@ def test_full_fine_tuning_has_both_ratios_one_and_the_others_learn_less(tiny_res
     rows = tiny_result.methods
     assert rows["full"].param_ratio == 1.0
     assert rows["full"].memory_ratio == 1.0
-    assert rows["linear"].learnable_params == 64 * NUM_CLASSES + NUM_CLASSES  # the new head only
+    assert rows["linear"].learnable_params == 2 * 64 * NUM_CLASSES + NUM_CLASSES  # the head on CLS + mean token
     for method in METHODS[1:]:
         assert 0 < rows[method].param_ratio < 0.1
         assert 0 < rows[method].memory_ratio < 1.0
@@ -158,7 +158,7 @@ def test_measuring_is_skipped_with_a_note_where_the_step_would_not_fit(monkeypat
         return free
 
     monkeypatch.setattr(memory_benchmark, "free_memory_bytes", tiny_free_memory)
-    methods = ["full", "linear", "fpt+"]
+    methods = ["full", "lora", "fpt+"]
     result = benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, methods, num_classes=NUM_CLASSES, progress=False)
 
     assert asked == [torch.device("cpu")] * len(methods)
@@ -209,7 +209,7 @@ def test_without_full_fine_tuning_there_are_no_memory_ratios() -> None:
     row = result.methods["linear"]
     assert row.memory_ratio is None
     assert row.param_ratio == row.learnable_params / TINY_FULL_PARAMS  # r needs no full run
-    assert "| 0.08 % |" in format_memory_table(result) and "| n/a |" in format_memory_table(result)
+    assert "| 0.15 % |" in format_memory_table(result) and "| n/a |" in format_memory_table(result)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +242,7 @@ def test_format_memory_table_lists_every_method_with_its_numbers(tiny_result: Me
         f"{row.simulated_peak_bytes / MiB:,.1f} | 100.00 % | {row.step_seconds:.2f} |"
     )
     row = tiny_result.methods["linear"]
-    assert linear.startswith(f"| linear | 195 | 0.08 % | {row.measured_peak_bytes / MiB:,.1f} |")
+    assert linear.startswith(f"| linear | 387 | 0.15 % | {row.measured_peak_bytes / MiB:,.1f} |")
     assert f"| {100 * row.memory_ratio:.2f} % |" in linear
 
 
@@ -353,7 +353,7 @@ def test_cli_json_prints_one_object_of_setting_and_methods(
         assert row["peak_meter"] == "measured"
         assert row["learnable_params"] == training_step(name, backbone, 64, 2, 5).learnable_params
         assert row["memory_ratio"] is None  # full fine-tuning was not asked for
-    assert result["methods"]["linear"]["learnable_params"] == 64 * 5 + 5
+    assert result["methods"]["linear"]["learnable_params"] == 2 * 64 * 5 + 5
 
 
 def test_cli_table_lists_the_methods(capsys: pytest.CaptureFixture[str], tiny_lpm_dir: Path) -> None:
@@ -365,7 +365,7 @@ def test_cli_table_lists_the_methods(capsys: pytest.CaptureFixture[str], tiny_lp
     assert lines[0].startswith(f"{tiny_lpm_dir.resolve()}, 64 px, batch 2, 5 classes; cpu (")
     full = vit_params(64, 4, 16, 17, 5)  # a 5-class head by default
     assert lines[4].startswith(f"| full | {full:,} | 100.00 % | ")
-    assert lines[5].startswith(f"| linear | 325 | {100 * 325 / full:.2f} % | ")
+    assert lines[5].startswith(f"| linear | 645 | {100 * 645 / full:.2f} % | ")
     assert not any(line.startswith("wrote ") for line in lines)
 
 
@@ -433,7 +433,7 @@ def test_cli_demo_backbone_is_the_shipped_lpm(capsys: pytest.CaptureFixture[str]
     assert Path(result["setting"]["backbone"]["name"]).name == "demo_lpm"
     # the demo LPM is a ViT-Tiny (192 wide, 12 blocks) with 256 px position embeddings (16 x 16 + 1 tokens)
     assert result["setting"]["full_fine_tuning_params"] == vit_params(192, 12, 16, 257, 5)
-    assert result["methods"]["linear"]["learnable_params"] == 192 * 5 + 5
+    assert result["methods"]["linear"]["learnable_params"] == 2 * 192 * 5 + 5
 
 
 @pytest.mark.parametrize(

@@ -215,10 +215,10 @@ class FakeCache:
     def __init__(self) -> None:
         self.requested: list[str] = []
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, key: str) -> dict[str, torch.Tensor]:
         self.requested.append(key)
         code = float(len(key))
-        return torch.full((2, 1, 3, 4), code), torch.full((2, 1, 3, 4), -code)
+        return {"keys": torch.full((2, 1, 3, 4), code), "values": torch.full((2, 1, 3, 4), -code)}
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The baselines (full, linear, VPT-deep, LoRA, adapter): each equation against an explicit computation, what is
+"""The baselines (full, VPT-deep, LoRA, adapter): each equation against an explicit computation, what is
 trained, parameter counts by hand, gradients, save/load, and config validation."""
 
 from __future__ import annotations
@@ -41,14 +41,12 @@ HEAD = WIDTH * CLASSES + CLASSES
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "full": {},
-    "linear": {},
     "vpt-deep": {"num_prompts": PROMPTS},
     "lora": {"rank": RANK, "alpha": ALPHA},
     "adapter": {"bottleneck_dim": BOTTLENECK},
 }
 CONFIG_CLASSES: dict[str, type[MethodConfig]] = {
     "full": FullFineTuningConfig,
-    "linear": LinearProbeConfig,
     "vpt-deep": VPTDeepConfig,
     "lora": LoRAConfig,
     "adapter": AdapterConfig,
@@ -84,8 +82,6 @@ def expected_trainable_names(method: str, model: BaselineViT) -> set[str]:
     blocks = range(DEPTH)
     if method == "full":
         return {name for name, _ in model.named_parameters()}
-    if method == "linear":
-        return head
     if method == "vpt-deep":
         return head | {"prompts"}
     if method == "lora":
@@ -248,7 +244,7 @@ def test_vpt_deep_prompts_are_one_set_per_block_in_vpts_xavier_range(tiny_spec: 
 # --- every method: starting point, what is trained, counts, gradients ------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["full", "linear", "lora", "adapter"])
+@pytest.mark.parametrize("method", ["full", "lora", "adapter"])
 def test_at_initialisation_the_baseline_is_the_pretrained_vit_with_its_new_head(
     tiny_spec: BackboneSpec, method: str
 ) -> None:
@@ -307,7 +303,6 @@ def test_lora_wraps_every_qkv_and_the_adapter_every_mlp(tiny_spec: BackboneSpec)
 @pytest.mark.parametrize(
     ("method", "learnable"),
     [
-        ("linear", HEAD),
         ("lora", HEAD + DEPTH * RANK * (WIDTH + 3 * WIDTH)),  # A [r, 64] and B [192, r] per qkv
         ("adapter", HEAD + DEPTH * (WIDTH * BOTTLENECK + BOTTLENECK + BOTTLENECK * WIDTH + WIDTH)),
         ("vpt-deep", HEAD + DEPTH * PROMPTS * WIDTH),
@@ -375,16 +370,6 @@ def test_save_and_load_round_trip_gives_the_same_logits_from_trainable_weights_o
         torch.testing.assert_close(restored(images()), expected, rtol=0, atol=0)
         initial = baseline(method, tiny_spec)(images())
     assert (expected - initial).abs().max() > 1e-3  # the perturbed weights were what got restored
-
-
-def test_a_linear_probe_saves_only_its_head(tmp_path: Path, tiny_spec: BackboneSpec) -> None:
-    baseline("linear", tiny_spec).save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-
-    assert {name: tuple(t.shape) for name, t in weights.items()} == {
-        "backbone.head.weight": (CLASSES, WIDTH),
-        "backbone.head.bias": (CLASSES,),
-    }
 
 
 def test_full_fine_tuning_restores_without_the_pretrained_weights_and_the_others_need_them(

@@ -1,8 +1,9 @@
 """One training step per method, built the same way for every method so that meters compare fairly.
 
-FPT and FPT+ train from the feature cache: their step holds the trainable modules only, fed with a batch
-of cached keys/values (in the cache dtype) and side images; the LPM is not in memory. Their ``/no-cache``
-variants run the frozen LPM on the high-resolution images in every step instead. The baselines run (and
+FPT, FPT+ and the linear probe train from the feature cache: their step holds the trainable modules only, fed
+with a batch of cached features (keys/values, or embeddings, in the cache dtype) and side images; the LPM is
+not in memory. Their ``/no-cache`` variants run the frozen LPM on the high-resolution images in every step
+instead. The baselines run (and
 train through) the LPM on the high-resolution images. Every step computes ``model.logits(batch)``.
 """
 
@@ -69,16 +70,12 @@ def training_step(
     def images(size: int) -> Tensor:
         return torch.randn(batch_size, 3, size, size, generator=generator)
 
-    if not config.side_network:
-        return TrainingStep(method, model, Batch(label=labels, index=index, lpm=images(input_size)))
-    side_images = images(config.side_input_size)
-    if not config.uses_lpm:
-        return TrainingStep(method, model, Batch(label=labels, index=index, side=side_images))
-    if not cached:
-        lpm_images = images(input_size)
-        return TrainingStep(method, model, Batch(label=labels, index=index, side=side_images, lpm=lpm_images))
-    feature_shape = model.geometry.feature_shape(len(model.config.tapped_layers), input_size, config.token_ratio)
-    shape = (batch_size, *feature_shape)
-    keys = torch.randn(shape, generator=generator).to(cache_dtype)
-    values = torch.randn(shape, generator=generator).to(cache_dtype)
-    return TrainingStep(method, model, Batch(label=labels, index=index, side=side_images, keys=keys, values=values))
+    batch = Batch(label=labels, index=index)
+    if config.side_network:
+        batch.side = images(config.side_input_size)
+    if cached:
+        for name, shape in model.feature_layout().items():
+            setattr(batch, name, torch.randn(batch_size, *shape, generator=generator).to(cache_dtype))
+    elif config.uses_lpm:
+        batch.lpm = images(input_size)
+    return TrainingStep(method, model, batch)

@@ -24,7 +24,7 @@ from fpt.data.transforms import ImageTransform, Normalization
 from fpt.errors import FPTError
 from fpt.runtime import progress_bar
 
-INPUT_FIELDS = ("side", "lpm", "keys", "values")
+INPUT_FIELDS = ("side", "lpm", "keys", "values", "embedding")
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Batch:
         index: [B] positions of the samples in their split.
         side: [B, 3, s, s] down-sampled (side) view.
         lpm: [B, 3, S, S] high-resolution view (the LPM runs on it).
-        keys, values: [B, L, H, T, d_head] the LPM's preloaded important-token keys/values.
+        keys, values: [B, L, H, T, d_head] the LPM's preloaded important-token keys/values (FPT, FPT+).
+        embedding: [B, D] the LPM's preloaded pooled embedding (the linear probe).
         error: a sample could not be read (set by ``collate`` in a DataLoader worker, raised by ``to``), so the
             user sees fpt's own one-line message rather than the worker's traceback.
     """
@@ -47,6 +48,7 @@ class Batch:
     lpm: Tensor | None = None
     keys: Tensor | None = None
     values: Tensor | None = None
+    embedding: Tensor | None = None
     error: str | None = None
 
     def __len__(self) -> int:
@@ -89,8 +91,9 @@ def collate(items: list[dict]) -> Batch:
 class FeatureSource(Protocol):
     """Where preloaded LPM features come from (``fpt.cache.FeatureCache``)."""
 
-    def get(self, key: str) -> tuple[Tensor, Tensor]:
-        """Keys and values of one image, each [L, H, T, d_head]."""
+    def get(self, key: str) -> dict[str, Tensor]:
+        """The preloaded parts of one image, named as ``Batch`` fields (``keys`` and ``values``, or
+        ``embedding``)."""
         ...
 
 
@@ -99,7 +102,8 @@ class SampleViews(Dataset):
 
     - ``side`` [3, s, s] when ``side_view`` is given;
     - ``lpm`` [3, S, S] when ``lpm_view`` is given (the LPM runs on the fly);
-    - ``keys``/``values`` [L, H, T, d_head] when ``cache`` is given (preloaded features).
+    - the preloaded features when ``cache`` is given (``keys``/``values`` [L, H, T, d_head], or ``embedding``
+      [D]).
 
     The image is decoded only when a view needs it. A sample that cannot be read yields its error message
     instead, which ``Batch.to`` raises as an ``FPTError``.
@@ -133,7 +137,7 @@ class SampleViews(Dataset):
                 if self.lpm_view is not None:
                     item["lpm"] = self.lpm_view(image)
             if self.cache is not None:
-                item["keys"], item["values"] = self.cache.get(sample.path)
+                item.update(self.cache.get(sample.path))
         except FPTError as error:
             return {"index": index, "error": str(error)}
         return item

@@ -4,6 +4,7 @@ to its config."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -56,6 +57,27 @@ class TransferModel(nn.Module):
     def frozen_params(self) -> tuple[int, int]:
         """Frozen parameters held (the LPM's), and the same without the LPM's own classifier head."""
         raise NotImplementedError
+
+    def feature_layout(self) -> dict[str, tuple[int, ...]]:
+        """Cacheable methods: the named parts of one image's preloaded LPM features and their shapes."""
+        raise FPTError(f"{self.config.method} has no LPM features to preload")
+
+    def feature_settings(self) -> dict[str, Any]:
+        """Cacheable methods: the config fields that determine the preloaded features (for the cache fingerprint)."""
+        raise FPTError(f"{self.config.method} has no LPM features to preload")
+
+    def preload_features(self, lpm_images: Tensor) -> dict[str, Tensor]:
+        """Cacheable methods: run the frozen LPM on images [B, C, S, S] -> the parts of ``feature_layout``,
+        [B, *shape] each."""
+        raise FPTError(f"{self.config.method} has no LPM features to preload")
+
+    def frozen_lpm(self) -> nn.Module:
+        """Cacheable methods: the frozen LPM module whose weights determine the features (for their digest)."""
+        raise FPTError(f"{self.config.method} has no LPM features to preload")
+
+    def drop_lpm(self) -> None:
+        """Cacheable methods: release the frozen LPM; from here on the model reads preloaded features only."""
+        raise FPTError(f"{self.config.method} trains through its LPM and cannot drop it")
 
     def diagnostics(self, batch: Batch) -> dict[str, float]:
         """Method-specific readings of the model on ``batch`` for the training log (none by default)."""

@@ -1,5 +1,5 @@
-"""Baselines that adapt the LPM itself at the high resolution: full fine-tuning, linear probing, VPT-deep,
-LoRA and adapter tuning.
+"""Baselines that adapt the LPM itself at the high resolution: full fine-tuning, VPT-deep, LoRA and adapter
+tuning (the linear probe, which reads preloaded embeddings, is ``fpt.models.linear_probe``).
 
 Each is the timm ViT with a new classifier head; the parameter-efficient ones add their own small modules
 and freeze every pre-trained weight. They read the high-resolution image directly (nothing is cached, since
@@ -143,13 +143,12 @@ def _add_deep_prompts(model: BaselineViT, config: VPTDeepConfig) -> None:
 
 
 def _head_only(model: BaselineViT, config: MethodConfig) -> None:
-    """Full fine-tuning and linear probing add nothing: the new head (and, for full, every weight) is trained."""
+    """Full fine-tuning adds nothing: every weight and the new head are trained."""
 
 
 # each baseline method and how it adapts the LPM (after the new head; the pre-trained weights frozen unless full)
 BASELINE_METHODS: dict[str, Callable[[BaselineViT, Any], None]] = {
     "full": _head_only,
-    "linear": _head_only,
     "vpt-deep": _add_deep_prompts,
     "lora": _add_lora,
     "adapter": _add_adapters,

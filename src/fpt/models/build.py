@@ -8,10 +8,12 @@ from fpt.config import MethodConfig, load_config
 from fpt.models.base import WEIGHTS_NAME, TransferModel
 from fpt.models.baselines import BASELINE_METHODS, BaselineViT
 from fpt.models.fpt import FPTModel, SideOnlyModel
+from fpt.models.linear_probe import LinearProbeModel
 
 # one model class per method of fpt.config.METHOD_CONFIGS
 MODEL_CLASSES: dict[str, type[TransferModel]] = {
     **dict.fromkeys(BASELINE_METHODS, BaselineViT),
+    "linear": LinearProbeModel,
     "side-only": SideOnlyModel,
     "fpt": FPTModel,
     "fpt+": FPTModel,
@@ -22,7 +24,8 @@ def build_model(config: MethodConfig, load_lpm: bool = True, pretrained_lpm: boo
     """The model of ``config``.
 
     Args:
-        load_lpm: FPT/FPT+ only: build the frozen LPM; False reads only its geometry (training from a cache).
+        load_lpm: FPT/FPT+ and the linear probe only: build the frozen LPM; False reads only its geometry
+            (training from a cache).
             The baselines always hold their LPM, which they train through.
         pretrained_lpm: load the LPM's pre-trained weights; False keeps a random init (for counting).
     """

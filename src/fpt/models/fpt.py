@@ -4,9 +4,10 @@ side-only control (the same side ViT without prompts or LPM)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fpt.config import FPTConfig, SideNetworkConfig
 from fpt.data.loaders import Batch
@@ -88,14 +89,38 @@ class FPTModel(TransferModel):
         return cls(config, geometry, encoder)
 
     def drop_lpm(self) -> None:
-        """Release the frozen LPM: from here on the model reads cached keys/values only."""
         self.encoder = None
+
+    def frozen_lpm(self) -> nn.Module:
+        return self._encoder().model
+
+    def feature_layout(self) -> dict[str, tuple[int, ...]]:
+        """``keys`` and ``values``, each [L, H, T, d_head]."""
+        config = self.config
+        shape = self.geometry.feature_shape(len(config.tapped_layers), config.lpm_input_size, config.token_ratio)
+        return {"keys": shape, "values": shape}
+
+    def feature_settings(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "lpm_input_size": config.lpm_input_size,
+            "tapped_layers": config.tapped_layers,
+            "token_ratio": config.token_ratio,
+            "importance": config.importance,
+        }
+
+    def preload_features(self, lpm_images: Tensor) -> dict[str, Tensor]:
+        features = self.encode(lpm_images)
+        return {"keys": features.keys, "values": features.values}
 
     def encode(self, lpm_images: Tensor) -> LPMFeatures:
         """Run the frozen LPM: high-resolution images [B, C, S, S] -> keys/values [B, L, H, T, d_head]."""
+        return self._encoder()(lpm_images)
+
+    def _encoder(self) -> FrozenEncoder:
         if self.encoder is None:
             raise FPTError("this model was built without its LPM (load_lpm=False); it can only use cached features")
-        return self.encoder(lpm_images)
+        return self.encoder
 
     def forward(self, side_images: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] -> logits [B, num_classes]."""

@@ -1,0 +1,155 @@
+"""The linear probe: a linear classifier on one pooled embedding per image from the frozen LPM.
+
+This is what most medical-imaging teams reach for first (pathology pipelines work this way): the LPM is
+frozen and its input never augmented, so each image's embedding is computed once (``fpt preload``) and
+training reads a few KB per image instead of running the LPM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from fpt.config import LinearProbeConfig, Pooling
+from fpt.data.loaders import Batch
+from fpt.errors import FPTError
+from fpt.models.backbone import load_backbone
+from fpt.models.base import TransferModel, check_input_size
+from fpt.models.frozen_encoder import LPMGeometry
+
+# fpt 0.1.0 trained the LPM's own head (on its CLS token) and saved it under these names
+LEGACY_HEAD_PREFIX = "backbone.head."
+
+
+def embedding_dim(geometry: LPMGeometry, pooling: Pooling) -> int:
+    """Width of the pooled embedding: the LPM's, or twice it for "cls+mean"."""
+    return geometry.embed_dim * (2 if pooling == "cls+mean" else 1)
+
+
+class PooledEncoder(nn.Module):
+    """A frozen timm ViT that returns one embedding per image from its final normalised tokens.
+
+    Args:
+        model: the LPM (built with ``dynamic_img_size=True``).
+        pooling: "cls" (the CLS token), "mean" (the mean of the patch tokens) or "cls+mean" (both, concatenated).
+    """
+
+    def __init__(self, model: VisionTransformer, pooling: Pooling) -> None:
+        super().__init__()
+        if "cls" in pooling and not model.has_class_token:
+            raise FPTError(f"pooling '{pooling}' needs a backbone with a CLS token; use --pooling mean")
+        self.model = model.requires_grad_(False)
+        self.pooling = pooling
+        self.train(False)
+
+    def train(self, mode: bool = True) -> PooledEncoder:
+        """The LPM always stays in eval mode (no dropout, no drop-path)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, C, S, S] -> embeddings [B, D] (D = d, or 2d for "cls+mean")."""
+        tokens = self.model.forward_features(images)  # [B, N, d], after the final norm
+        pooled = []
+        if "cls" in self.pooling:
+            pooled.append(tokens[:, 0])
+        if "mean" in self.pooling:
+            pooled.append(tokens[:, self.model.num_prefix_tokens :].mean(dim=1))
+        return torch.cat(pooled, dim=-1)
+
+
+class LinearProbeModel(TransferModel):
+    """A linear head on pooled LPM embeddings; only ``head`` is trained.
+
+    Args:
+        config: its config.
+        geometry: the LPM's width, heads, depth and patch size.
+        encoder: the frozen LPM; None when training only from preloaded embeddings.
+    """
+
+    def __init__(self, config: LinearProbeConfig, geometry: LPMGeometry, encoder: PooledEncoder | None = None) -> None:
+        super().__init__()
+        check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, geometry.patch_size)
+        self.config = config
+        self.geometry = geometry
+        self.encoder = encoder
+        self.head = nn.Linear(embedding_dim(geometry, config.pooling), config.num_classes)
+        nn.init.zeros_(self.head.weight)  # logistic regression from zero: every class equally likely at first
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_config(
+        cls, config: LinearProbeConfig, load_lpm: bool = True, pretrained_lpm: bool = True
+    ) -> LinearProbeModel:
+        if not load_lpm:
+            with torch.device("meta"):
+                geometry = LPMGeometry.from_model(load_backbone(config.backbone, pretrained=False))
+            return cls(config, geometry)
+        backbone = load_backbone(config.backbone, pretrained=pretrained_lpm)
+        return cls(config, LPMGeometry.from_model(backbone), PooledEncoder(backbone, config.pooling))
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """embeddings [B, D] (in the cache dtype, or the LPM's) -> logits [B, num_classes]."""
+        return self.head(embeddings.to(self.head.weight.dtype))
+
+    def logits(self, batch: Batch) -> Tensor:
+        """From the preloaded embeddings when the batch has them, else by running the LPM on its ``lpm`` view."""
+        if batch.embedding is not None:
+            return self(batch.embedding)
+        if batch.lpm is None:
+            raise FPTError("linear needs the LPM's preloaded embeddings, or the high-resolution view")
+        return self(self._encoder()(batch.lpm))
+
+    def feature_layout(self) -> dict[str, tuple[int, ...]]:
+        """``embedding`` [D]."""
+        return {"embedding": (embedding_dim(self.geometry, self.config.pooling),)}
+
+    def feature_settings(self) -> dict[str, Any]:
+        return {"lpm_input_size": self.config.lpm_input_size, "pooling": self.config.pooling}
+
+    def preload_features(self, lpm_images: Tensor) -> dict[str, Tensor]:
+        return {"embedding": self._encoder()(lpm_images)}
+
+    def frozen_lpm(self) -> nn.Module:
+        return self._encoder().model
+
+    def drop_lpm(self) -> None:
+        self.encoder = None
+
+    def frozen_params(self) -> tuple[int, int]:
+        lpm = self.frozen_lpm()
+        frozen = sum(p.numel() for p in lpm.parameters())
+        return frozen, frozen - sum(p.numel() for p in lpm.get_classifier().parameters())
+
+    def load_trainable_weights(self, path: str | Path) -> None:
+        """As ``TransferModel``'s; also reads the head of a linear probe saved by fpt 0.1.0."""
+        legacy_head = _legacy_head(Path(path))
+        if legacy_head is None:
+            super().load_trainable_weights(path)
+            return
+        try:
+            self.head.load_state_dict(legacy_head)
+        except RuntimeError as error:
+            raise FPTError(f"{path} does not match its config.json: {str(error).splitlines()[-1].strip()}") from None
+
+    def _encoder(self) -> PooledEncoder:
+        if self.encoder is None:
+            raise FPTError("this model was built without its LPM (load_lpm=False); it can only use cached features")
+        return self.encoder
+
+
+def _legacy_head(path: Path) -> dict[str, Tensor] | None:
+    """The head weights of an fpt 0.1.0 linear probe at ``path``; None for any other (or unreadable) file."""
+    try:
+        weights = load_file(path)
+    except (OSError, SafetensorError):
+        return None
+    prefix = LEGACY_HEAD_PREFIX
+    head = {name.removeprefix(prefix): tensor for name, tensor in weights.items() if name.startswith(prefix)}
+    return head or None
