@@ -5,7 +5,7 @@ and method has its own feature cache under OUT/cache, and finished runs are reus
 ablation continues where it stopped. Settings are chosen on validation; ``--test`` adds the test AUC of each
 run's best-validation checkpoint, for the final report only.
 
-    python benchmarks/panel.py PANEL                      # the tasks, once
+    python benchmarks/panel.py PANEL                      # the tasks, once (and `fpt synth PANEL/demo` for the demo's)
     python benchmarks/ablate.py PANEL OUT --methods fpt+ --seeds 0,1,2 \\
         --variant paper= --variant "lr1e-3=--lr 1e-3"     # NAME=OPTIONS; an empty OPTIONS is the defaults
     python benchmarks/ablate.py PANEL OUT ... --test       # the same runs, with their test AUC
@@ -30,6 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from panel import PANEL, PanelTask
+
+from fpt.config import DEMO_SPLITS, SynthTask
+
+# the demo's data (`fpt synth PANEL/demo`) as one more task, never part of "all"
+DEMO_TASK = PanelTask("demo", SynthTask(), dict(DEMO_SPLITS), 512, "folders", 0)
 
 
 @dataclass
@@ -96,14 +101,28 @@ def _mean_sd(values: list[float | None]) -> str:
     return f"{statistics.mean(present):.3f} ± {statistics.stdev(present):.3f}"
 
 
+def best_of_variants(outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    """Per task, method and seed, the run of the variant with the best validation AUC (as variant "best on val"):
+    a learning-rate search on validation, as `fpt bench accuracy --lr-grid` does."""
+    best: dict[tuple[str, str, int], RunOutcome] = {}
+    for item in outcomes:
+        key = (item.task, item.method, item.seed)
+        if key not in best or (item.best_val_auc or -1.0) > (best[key].best_val_auc or -1.0):
+            best[key] = item
+    return [RunOutcome(**{**asdict(item), "variant": f"best on val ({item.variant})"}) for item in best.values()]
+
+
 def table(outcomes: list[RunOutcome], with_test: bool) -> str:
     header = "| task | method | variant | seeds | best val AUC | train loss, epoch 3 (prior) | below prior by epoch 3 |"
     header += " test AUC |" if with_test else ""
     lines = [header, "| " + " | ".join(["---"] * (header.count("|") - 1)) + " |"]
     groups: dict[tuple[str, str, str], list[RunOutcome]] = {}
     for item in outcomes:
-        groups.setdefault((item.task, item.method, item.variant), []).append(item)
+        variant = "best on val" if item.variant.startswith("best on val") else item.variant
+        groups.setdefault((item.task, item.method, variant), []).append(item)
     for (task, method, variant), items in groups.items():
+        if variant.startswith("best on val"):
+            variant = "best on val (" + ", ".join(i.variant[len("best on val (") : -1] for i in items) + ")"
         below = sum(1 for i in items if i.train_loss_epoch3 is not None and i.train_loss_epoch3 < i.prior_entropy)
         row = f"| {task} | {method} | {variant} | {len(items)} | {_mean_sd([i.best_val_auc for i in items])} | "
         row += f"{_mean_sd([i.train_loss_epoch3 for i in items])} ({items[0].prior_entropy:.3f}) | "
@@ -118,15 +137,22 @@ def main() -> None:
     parser.add_argument("panel", type=Path, help="the folder of `benchmarks/panel.py PANEL`")
     parser.add_argument("out", type=Path, help="folder for the runs, caches and tables")
     parser.add_argument("--methods", default="fpt+", help="comma-separated methods (default: fpt+)")
-    parser.add_argument("--tasks", default="all", help="comma-separated panel task names (default: all)")
+    parser.add_argument(
+        "--tasks", default="all", help="comma-separated panel task names, or demo (`fpt synth PANEL/demo`) (all)"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument(
         "--variant", action="append", required=True, metavar="NAME=OPTIONS", help="a variant's `fpt train` options"
     )
     parser.add_argument("--test", action="store_true", help="also report test AUC (the final report only)")
+    parser.add_argument(
+        "--best-of-variants",
+        action="store_true",
+        help="add a row per task and method: each seed at its variant of best validation AUC (an lr search)",
+    )
     args = parser.parse_args()
 
-    tasks = [t for t in PANEL if args.tasks == "all" or t.name in args.tasks.split(",")]
+    tasks = [t for t in (*PANEL, DEMO_TASK) if t.name in args.tasks.split(",") or (args.tasks == "all" and t in PANEL)]
     variants = dict(item.split("=", 1) for item in args.variant)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     methods = args.methods.split(",")
@@ -148,7 +174,7 @@ def main() -> None:
                     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ablation.json").write_text(json.dumps([asdict(item) for item in outcomes], indent=1) + "\n")
-    markdown = table(outcomes, args.test)
+    markdown = table(outcomes + (best_of_variants(outcomes) if args.best_of_variants else []), args.test)
     (args.out / "ablation.md").write_text(markdown + "\n")
     print(markdown)
 

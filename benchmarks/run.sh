@@ -28,3 +28,17 @@ fpt bench accuracy "$OUT/demo_data" --backbone demo --input-size 512 --epochs 8 
 # 4. The same for full fine-tuning and FPT+ at lr 1e-4 (lr 1e-3 is too high for full fine-tuning).
 fpt bench accuracy "$OUT/demo_data" --backbone demo --input-size 512 --epochs 8 --lr 1e-4 --warmup-epochs 1 \
     --batch-size 16 --methods full,fpt+ --out "$OUT/accuracy_lr1e-4" --cache "$OUT/cache"
+
+# 5. Issue 10: the panel, and the demo's data as one more task (each FPT+ run 2-5 min on 2 CPU cores; runs
+#    that finished are reused, so this can be stopped and rerun).
+python benchmarks/panel.py "$OUT/panel"
+fpt synth "$OUT/panel/demo"
+TASKS=binary-imbalanced-small,multigrade-small
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks $TASKS --seeds 0 \
+    --variant "paper=--recipe paper" --variant "lr1e-3=--lr 1e-3" --variant "lr1e-3-balanced=--lr 1e-3 --balanced" \
+    --variant "lr1e-3-steps1000=--lr 1e-3 --min-steps 1000"
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear --tasks $TASKS,demo --seeds 0,1,2 \
+    --variant "lr1e-3=--lr 1e-3" --variant "lr1e-2=--lr 1e-2" --variant "lr1e-1=--lr 1e-1" --test --best-of-variants
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks $TASKS,demo --seeds 0,1,2 \
+    --variant "paper=--recipe paper" --variant "default=" --test
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks demo --seeds 0 --variant "default=" --test

@@ -30,13 +30,19 @@ def test_demo_runs_every_stage_and_writes_the_comparison(tmp_path: Path) -> None
 
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved == json.loads(json.dumps(record))
-    for method in ("fpt_plus", "side_only"):
+    for method in ("fpt_plus", "linear_probe", "side_only"):
         assert 0.0 <= saved[method]["auc"] <= 1.0
         assert saved[method]["learnable_params"] > 0
         assert saved[method]["training_peak_bytes"] > 0
-        assert (tmp_path / "runs" / method / "report.html").is_file()
+        assert (tmp_path / saved[method]["run"] / "report.html").is_file()
     assert saved["fpt_plus"]["learnable_params"] > saved["side_only"]["learnable_params"]
-    assert set(saved["stages_seconds"]) == {"data", "preload", "train_fpt_plus", "train_side_only", "total"}
+    # the probe trains once per learning rate of its grid, from its own cache of pooled embeddings
+    probe_runs = sorted(path.name for path in (tmp_path / "runs" / "linear_probe").iterdir())
+    assert probe_runs == ["lr0.001", "lr0.01", "lr0.1"]
+    assert saved["linear_probe"]["lr"] in (1e-3, 1e-2, 1e-1)
+    assert saved["linear_probe"]["learnable_params"] == 2 * 192 * 4 + 4  # CLS + mean token of the ViT-Tiny, 4 grades
+    stages = {"data", "preload", "train_fpt_plus", "train_linear_probe", "train_side_only", "total"}
+    assert set(saved["stages_seconds"]) == stages
     report = (tmp_path / "report.html").read_text()
     assert report.count("_attention.png") == 2
     assert len(list((tmp_path / "examples").glob("*_attention.png"))) == 2

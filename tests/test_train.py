@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import fpt.train
 from fpt.cache import CacheWriter, FeatureCache
-from fpt.config import TrainingConfig
+from fpt.config import METHOD_CONFIGS, BackboneSpec, FullFineTuningConfig, TrainingConfig
 from fpt.data.loaders import SampleViews, collate
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
@@ -532,10 +533,22 @@ def test_test_predictions_survive_commas_in_paths(tmp_path: Path, tiny_lpm_dir: 
 
 def test_by_default_one_optimizer_group_decays_every_trainable_parameter(tiny_lpm_dir: Path) -> None:
     model = build_model(tiny_config(tiny_lpm_dir, num_classes=3), load_lpm=False)
-    groups = fpt.train.parameter_groups(model, TrainingConfig())
+    groups = fpt.train.parameter_groups(model, TrainingConfig().for_method(type(model.config)))
     assert len(groups) == 1
     assert groups[0]["params"] == [p for p in model.parameters() if p.requires_grad]
-    assert (groups[0]["lr"], groups[0]["weight_decay"]) == (1e-4, 0.1)
+    assert (groups[0]["lr"], groups[0]["weight_decay"]) == (1e-3, 0.1)
+
+
+@pytest.mark.parametrize(("method", "lr"), [("fpt+", 1e-3), ("fpt", 1e-3), ("side-only", 1e-3), ("linear", 1e-2)])
+def test_without_an_lr_a_run_gets_its_methods_default_and_records_it(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path, method: str, lr: float
+) -> None:
+    config = METHOD_CONFIGS[method](backbone=BackboneSpec(str(tiny_lpm_dir)), num_classes=1, lpm_input_size=64)
+    config = replace(config, side_input_size=32) if config.side_network else config
+    train(image_data, tmp_path / "run", config, fast_training(tmp_path / "cache", lr=None, epochs=1), progress=False)
+    assert read_json(tmp_path / "run" / "run.json")["training"]["lr"] == lr
+    assert TrainingConfig(lr=5e-4).for_method(type(config)).lr == 5e-4  # a given lr is kept
+    assert TrainingConfig().for_method(FullFineTuningConfig).lr == 1e-4
 
 
 def test_weight_decay_scope_and_fusion_lr_scale_split_the_parameters(tiny_lpm_dir: Path) -> None:

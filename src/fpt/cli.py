@@ -71,6 +71,14 @@ def _training_default(name: str) -> object:
     return default_value(TrainingConfig, name)
 
 
+def _default_lrs() -> str:
+    """Each method's default learning rate, grouped: "1e-4 full, vpt-deep, ...; 1e-3 fpt, ..."."""
+    groups: dict[float, list[str]] = {}
+    for name, config_class in METHOD_CONFIGS.items():
+        groups.setdefault(config_class.default_lr, []).append(name)
+    return "; ".join(f"{lr:.0e}".replace("e-0", "e-") + f" {', '.join(names)}" for lr, names in groups.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fpt",
@@ -188,10 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "FPT+ and the side-only control, and write a comparison, demo_results.json and an HTML report.",
     )
     demo.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: %(default)s)")
-    for name, kind, what in (("epochs", int, "training epochs per method"), ("lr", float, "learning rate")):
-        demo.add_argument(
-            f"--{name}", type=kind, default=default_value(DemoSettings, name), help=f"{what} (default: %(default)s)"
-        )
+    epochs = _training_default("epochs")
+    demo.add_argument("--epochs", type=int, help=f"training epochs (default: fpt train's, {epochs})")
+    demo.add_argument("--lr", type=float, help="peak learning rate of FPT+ and side-only (default: fpt train's)")
     demo.add_argument(
         "--seed", type=int, default=default_value(DemoSettings, "seed"), help="training seed (default: %(default)s)"
     )
@@ -511,7 +518,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
         metavar="N",
         help=f"run at least N optimizer steps, raising the epochs on small data (default: {default('min_steps')})",
     )
-    group.add_argument("--lr", type=float, help=f"peak learning rate (default: {default('lr'):g})")
+    group.add_argument("--lr", type=float, help=f"peak learning rate (default: the method's: {_default_lrs()})")
     group.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
     group.add_argument(
         "--weight-decay-scope",

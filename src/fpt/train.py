@@ -56,6 +56,7 @@ def train(
         raise FPTError(
             f"{run_dir} already holds a run; continue it with `fpt train --resume {run_dir}` or pick a new --run"
         )
+    training = training.for_method(type(model_config))
     if training.cache_dir is not None:  # recorded absolute, so the run can be evaluated from anywhere
         training = replace(training, cache_dir=str(Path(training.cache_dir).resolve()))
     dataset, model, normalization = prepare(data, model_config, training, progress)

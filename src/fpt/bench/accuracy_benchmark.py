@@ -117,7 +117,7 @@ def benchmark_accuracy(
         config_class, _ = method_variant(method)
         config = config_class(backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size)
         candidates = []
-        for lr in lr_grid or [training.lr]:
+        for lr in lr_grid or [training.for_method(config_class).lr]:
             run_dir = out / "runs" / method.replace("/", "-")
             run_dir = run_dir / f"lr{lr:g}" if lr_grid else run_dir
             if progress:
@@ -186,22 +186,27 @@ def format_accuracy_table(result: AccuracyBenchmark) -> str:
     """A Markdown table of ``benchmark_accuracy``'s result (metrics of each run's best checkpoint, test split)."""
     setting, training, memory = result.setting, result.setting.training, result.setting.memory
     grid = setting.lr_grid
-    lr = f"each method's best lr of {','.join(f'{value:g}' for value in grid)} on validation" if grid else None
+    lr_column = bool(grid) or training.lr is None  # the methods' learning rates may differ
+    if grid:
+        lr = f"each method's best lr of {','.join(f'{value:g}' for value in grid)} on validation"
+    else:
+        lr = f"lr {training.lr:g}" if training.lr is not None else "each method's default lr"
     lines = [
         f"{setting.backbone.name} at {setting.lpm_input_size} px on {setting.data}; "
-        f"{training.epochs} epochs, {lr or f'lr {training.lr}'}, batch {training.batch_size}, seed {training.seed}; "
+        f"{training.epochs} epochs, {lr}, batch {training.batch_size}, seed {training.seed}; "
         f"memory: one float32 step on {memory.device} ({memory.machine}), torch {memory.torch}",
         "",
         "| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME | train time |"
-        + (" lr |" if grid else ""),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if grid else ""),
+        + (" lr |" if lr_column else ""),
+        "| --- |" + " ---: |" * (10 + lr_column),
     ]
     for name, row in result.methods.items():
         lines.append(
             f"| {name} | {_fixed(row.auc)} | {_fixed(row.accuracy)} | {_fixed(row.kappa)} | "
             f"{row.learnable_params:,} | {100 * row.param_ratio:.2f} % | "
             f"{mib(row.peak_bytes)} ({row.peak_meter}) | {_percent(row.memory_ratio)} | "
-            f"{_fixed(row.ppe)} | {_fixed(row.pme)} | {row.train_seconds:.0f} s |" + (f" {row.lr:g} |" if grid else "")
+            f"{_fixed(row.ppe)} | {_fixed(row.pme)} | {row.train_seconds:.0f} s |"
+            + (f" {row.lr:g} |" if lr_column else "")
         )
     return "\n".join(lines)
 
