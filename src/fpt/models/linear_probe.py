@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -147,9 +146,8 @@ class LinearProbeModel(TransferModel):
 def _legacy_head(path: Path) -> dict[str, Tensor] | None:
     """The head weights of an fpt 0.1.0 linear probe at ``path``; None for any other (or unreadable) file."""
     try:
-        weights = load_file(path)
+        with safe_open(path, framework="pt") as handle:  # only the names, unless they are the old ones
+            names = [name for name in handle.keys() if name.startswith(LEGACY_HEAD_PREFIX)]  # noqa: SIM118
+            return {name.removeprefix(LEGACY_HEAD_PREFIX): handle.get_tensor(name) for name in names} or None
     except (OSError, SafetensorError):
         return None
-    prefix = LEGACY_HEAD_PREFIX
-    head = {name.removeprefix(prefix): tensor for name, tensor in weights.items() if name.startswith(prefix)}
-    return head or None
