@@ -447,7 +447,7 @@ class TrainingConfig:
         device: "auto" (cuda > mps > cpu) or a torch device name.
         precision: "fp32", or "bf16"/"fp16" autocast on GPUs.
         num_workers: DataLoader workers (None: one per spare core, at most 4).
-        cache_dir: feature cache directory (preloaded LPM keys/values); None (the default for the API; the
+        cache_dir: feature cache directory (preloaded LPM features); None (the default for the API; the
             command line's is ``fpt-cache``) runs the LPM on the fly and writes nothing.
         cache_dtype: dtype of the cached features (keys/values or embeddings).
         normalization: "backbone" (the LPM's pre-training mean/std) or "auto" (training-set statistics).
