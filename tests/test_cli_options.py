@@ -42,7 +42,7 @@ def test_side_only_takes_its_side_network_options() -> None:
 def test_a_side_only_config_written_with_fusion_fields_still_loads() -> None:
     saved = {"method": "side-only", "backbone": {"name": "x"}, "num_classes": 2, "num_prompts": 16}
     saved |= {"token_ratio": 0.2, "importance": "global", "prompt_dropout": 0.5, "side_input_size": 128}
-    assert config_from_dict(saved) == SideOnlyConfig(backbone="x", num_classes=2)
+    assert config_from_dict(saved) == SideOnlyConfig(backbone="x", num_classes=2, side_attention_init="trunc_normal")
     with pytest.raises(FPTError, match="unknown side-only config fields: rank"):
         config_from_dict({**saved, "rank": 4})
 
@@ -101,7 +101,7 @@ def test_recipe_paper_sets_the_official_settings_and_explicit_options_override_i
     training, config = training_config_from_args(paper), config_from_args(paper)
     assert (training.lr, training.weight_decay, training.weight_decay_scope, training.epochs) == (1e-4, 0.1, "all", 20)
     assert (training.warmup_epochs, training.min_steps, training.fusion_lr_scale) == (0.0, 0, 1.0)
-    assert config.prompt_dropout == 0.5
+    assert (config.prompt_dropout, config.side_attention_init) == (0.5, "trunc_normal")
     assert {name: getattr(training, name) for name in PAPER_TRAINING} == PAPER_TRAINING
 
     overridden = parse(["train", "d", "--run", "r", "--recipe", "paper", "--lr", "1e-3", "--prompt-dropout", "0.1"])
@@ -112,11 +112,19 @@ def test_recipe_paper_sets_the_official_settings_and_explicit_options_override_i
     assert training_config_from_args(default) == TrainingConfig(cache_dir=DEFAULT_CACHE)
     linear = parse(["train", "d", "--run", "r", "--recipe", "paper", "--method", "linear"])
     assert not hasattr(config_from_args(linear), "prompt_dropout")  # the recipe sets only fields a method has
+    side_only = config_from_args(parse(["train", "d", "--run", "r", "--recipe", "paper", "--method", "side-only"]))
+    assert side_only.side_attention_init == "trunc_normal"
+    vpt = config_from_args(parse(["train", "d", "--run", "r", "--recipe", "paper", "--method", "vpt-deep"]))
+    assert vpt.prompt_dropout == 0.0  # the fusion's official dropout is not VPT-deep's
     with pytest.raises(FPTError, match="unknown recipe 'nope'; choose from default, paper"):
         recipe_training("nope")
 
 
-def test_min_steps_and_prompt_dropout_reach_the_configs() -> None:
-    args = build_parser().parse_args(["train", "d", "--run", "r", "--min-steps", "500", "--prompt-dropout", "0.2"])
+def test_min_steps_prompt_dropout_and_side_attention_init_reach_the_configs() -> None:
+    options = ["--min-steps", "500", "--prompt-dropout", "0.2", "--side-attention-init", "trunc_normal"]
+    args = build_parser().parse_args(["train", "d", "--run", "r", *options])
     assert training_config_from_args(args).min_steps == 500
-    assert config_from_args(args).prompt_dropout == 0.2
+    config = config_from_args(args)
+    assert (config.prompt_dropout, config.side_attention_init) == (0.2, "trunc_normal")
+    default = config_from_args(build_parser().parse_args(["train", "d", "--run", "r"]))
+    assert (default.prompt_dropout, default.side_attention_init) == (0.0, "xavier")

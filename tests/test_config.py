@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fpt.config import FPTConfig, FPTPlusConfig, config_from_dict, load_config
+from fpt.config import METHOD_CONFIGS, FPTConfig, FPTPlusConfig, config_from_dict, load_config
 from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec
 
@@ -40,8 +40,19 @@ def test_every_field_is_overridable() -> None:
         importance="cls",
         prompt_dropout=0.1,
         side_width_divisor=4,
+        side_attention_init="trunc_normal",
     )
     assert config.resolved_tapped_layers(12) == [0, 5]
+
+
+@pytest.mark.parametrize("method", ["fpt", "fpt+", "side-only"])
+def test_a_config_written_before_side_attention_init_existed_loads_with_the_init_it_was_trained_with(
+    method: str,
+) -> None:
+    saved = {"method": method, "backbone": {"name": "x"}, "num_classes": 2}
+    assert config_from_dict(saved).side_attention_init == "trunc_normal"
+    assert config_from_dict({**saved, "side_attention_init": "xavier"}).side_attention_init == "xavier"
+    assert METHOD_CONFIGS[method](backbone="x", num_classes=2).side_attention_init == "xavier"
 
 
 @pytest.mark.parametrize("config_class", [FPTConfig, FPTPlusConfig])
@@ -67,6 +78,7 @@ def test_json_round_trip(tmp_path: Path, config_class: type[FPTConfig]) -> None:
         ({"num_prompts": 0}, "num_prompts"),
         ({"importance": "max"}, "importance"),
         ({"prompt_dropout": 1.0}, "prompt_dropout"),
+        ({"side_attention_init": "kaiming"}, "side_attention_init must be one of xavier, trunc_normal"),
         ({"num_classes": 0}, "num_classes"),
     ],
 )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fpt._version import __version__
 from fpt.config import (
+    ATTENTION_INITS,
     CACHE_DTYPE_NAMES,
     IMAGE_FORMATS,
     IMPORTANCE_RULES,
@@ -191,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the whole method on synthetic fundus images: FPT+ vs. its side network alone",
+        help="the whole method on synthetic fundus images: FPT+ vs. a linear probe and its side network alone",
         description="Generate the synthetic benchmark (if absent), preload the shipped pre-trained LPM, train "
-        "FPT+ and the side-only control, and write a comparison, demo_results.json and an HTML report.",
+        "FPT+, the cached linear probe (its lr chosen on validation) and the side-only control, and write a "
+        "comparison, demo_results.json and an HTML report.",
     )
     demo.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: %(default)s)")
     epochs = _training_default("epochs")
@@ -297,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LR,LR,...",
         help="train each method at every learning rate and report it at its best on validation (instead of --lr)",
     )
+    accuracy.add_argument(
+        "--lr-scales",
+        type=_float_list,
+        metavar="F,F,...",
+        help="like --lr-grid, at these multiples of each method's own default learning rate (e.g. 0.1,0.3,1,3)",
+    )
     accuracy.set_defaults(handler=_run_bench_accuracy)
     return parser
 
@@ -334,6 +342,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: b
         type=_int_list,
         metavar="I,J,...",
         help="LPM layers to tap, 0-based (preset: all for fpt, the last half for fpt+ and side-only)",
+    )
+    group.add_argument(
+        "--side-attention-init",
+        choices=ATTENTION_INITS,
+        help="how the side network's attention projections start: xavier, or trunc_normal (std 0.02, the "
+        f"official code's) (preset: {preset(FPTPlusConfig, 'side_attention_init')})",
     )
     group.add_argument(
         "--num-prompts",
@@ -428,6 +442,7 @@ MODEL_OPTIONS = {  # config field: command-line option
     "lpm_input_size": "--input-size",
     "side_input_size": "--side-input-size",
     "tapped_layers": "--tapped-layers",
+    "side_attention_init": "--side-attention-init",
     "num_prompts": "--num-prompts",
     "token_ratio": "--token-ratio",
     "importance": "--importance",
@@ -508,8 +523,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
         choices=RECIPES,
         default="default",
         help="default: fpt's defaults; paper: the official code's settings (lr 1e-4, weight decay 0.1 on every "
-        "parameter, 20 epochs, no warm-up, prompt dropout 0.5), for reproducing the papers; options given "
-        "explicitly override either (default: %(default)s)",
+        "parameter, 20 epochs, no warm-up, prompt dropout 0.5, side attention initialised at std 0.02), for "
+        "reproducing the papers; options given explicitly override either (default: %(default)s)",
     )
     group.add_argument("--epochs", type=int, help=f"training epochs (default: {default('epochs')})")
     group.add_argument(
@@ -746,12 +761,19 @@ def _run_bench_memory(args: argparse.Namespace) -> int:
 def _run_bench_accuracy(args: argparse.Namespace) -> int:
     from fpt.bench.accuracy_benchmark import RESULTS_JSON, RESULTS_TABLE, benchmark_accuracy, format_accuracy_table
 
-    if args.lr_grid and args.lr is not None:
-        raise FPTError("give --lr or --lr-grid, not both")
+    if sum(value is not None for value in (args.lr, args.lr_grid, args.lr_scales)) > 1:
+        raise FPTError("give one of --lr, --lr-grid and --lr-scales")
     training = training_config_from_args(args)
     backbone = backbone_from_args(args)
     result = benchmark_accuracy(
-        args.data, args.out, args.methods, backbone, args.input_size, training, lr_grid=args.lr_grid
+        args.data,
+        args.out,
+        args.methods,
+        backbone,
+        args.input_size,
+        training,
+        lr_grid=args.lr_grid,
+        lr_scales=args.lr_scales,
     )
     print(format_accuracy_table(result))
     out = Path(args.out)

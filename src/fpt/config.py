@@ -23,6 +23,8 @@ IMPORTANCE_RULES: tuple[str, ...] = ("global", "cls")
 Pooling = Literal["cls", "mean", "cls+mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "cls+mean")
 Precision = Literal["fp32", "bf16", "fp16"]
+AttentionInit = Literal["xavier", "trunc_normal"]
+ATTENTION_INITS: tuple[str, ...] = ("xavier", "trunc_normal")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 CACHE_DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 NORMALIZATIONS: tuple[str, ...] = ("backbone", "auto")
@@ -133,20 +135,30 @@ class SideNetworkConfig(MethodConfig):
         tapped_layers: LPM block indices whose keys/values are used; the side network has one block per
             tapped layer. None means the method's preset.
         side_width_divisor: the side network's width is the LPM's width divided by this.
+        side_attention_init: how the side blocks' attention projections (qkv and output) start: "xavier"
+            (Xavier-uniform) or "trunc_normal" (std 0.02 like the other weights: the official code's, which
+            holds the loss at the class prior for several epochs; BENCHMARKS.md).
     """
 
     side_network: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-3  # the official 1e-4 leaves FPT+ at the class prior on small data
+    # configs written before this field existed started the side attention as the official code does
+    legacy_defaults: ClassVar[dict[str, Any]] = {"side_attention_init": "trunc_normal"}
 
     side_input_size: int = 128
     tapped_layers: list[int] | None = None
     side_width_divisor: int = 8
+    side_attention_init: AttentionInit = "xavier"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tapped_layers is not None:
             self.tapped_layers = [int(layer) for layer in self.tapped_layers]
         _check_positive(self, "side_input_size", "side_width_divisor")
+        if self.side_attention_init not in ATTENTION_INITS:
+            raise FPTError(
+                f"side_attention_init must be one of {', '.join(ATTENTION_INITS)}, got '{self.side_attention_init}'"
+            )
 
     def default_tapped_layers(self, depth: int) -> list[int]:
         """The preset's tapped layers for an LPM of ``depth`` blocks: the last half (FPT+'s)."""
@@ -166,7 +178,7 @@ class FPTConfig(SideNetworkConfig):
         num_prompts: M, fine-grained prompts per tapped layer.
         token_ratio: fraction of the LPM's N tokens kept per head (T = int(N * token_ratio)).
         importance: token importance, "global" (mean attention received) or "cls" (CLS attention).
-        prompt_dropout: dropout on the fused prompts.
+        prompt_dropout: dropout on the fused prompts (the official code's 0.5 slows the start; BENCHMARKS.md).
     """
 
     method: ClassVar[str] = "fpt"
@@ -176,7 +188,7 @@ class FPTConfig(SideNetworkConfig):
     num_prompts: int = 16
     token_ratio: float = 0.2
     importance: Importance = "global"
-    prompt_dropout: float = 0.5
+    prompt_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -542,7 +554,8 @@ PAPER_TRAINING: dict[str, Any] = {
     "fusion_lr_scale": 1.0,
     "warmup_epochs": 0.0,
 }
-PAPER_FUSION: dict[str, Any] = {"prompt_dropout": 0.5}  # FPT and FPT+ fields; prompts start at std 1e-6 in both
+# fields of the side-network methods' configs (each gets those it has); prompts start at std 1e-6 in both
+PAPER_MODEL: dict[str, Any] = {"prompt_dropout": 0.5, "side_attention_init": "trunc_normal"}
 RECIPES: tuple[str, ...] = ("default", "paper")
 
 
@@ -553,9 +566,12 @@ def recipe_training(recipe: str) -> dict[str, Any]:
 
 
 def recipe_model(recipe: str, config_class: type[MethodConfig]) -> dict[str, Any]:
-    """The fields of ``config_class`` a recipe sets (the paper recipe sets FPT's and FPT+'s fusion fields)."""
+    """The fields of ``config_class`` a recipe sets (the paper recipe: the side network's and the fusion's)."""
     _check_recipe(recipe)
-    return dict(PAPER_FUSION) if recipe == "paper" and issubclass(config_class, FPTConfig) else {}
+    if recipe != "paper" or not issubclass(config_class, SideNetworkConfig):
+        return {}
+    accepted = {f.name for f in fields(config_class)}
+    return {name: value for name, value in PAPER_MODEL.items() if name in accepted}
 
 
 def _check_recipe(recipe: str) -> None:

@@ -45,7 +45,8 @@ def demo_backbone() -> BackboneSpec:
 
 
 def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Generate the data (if absent), preload, train FPT+ and the side-only control, compare, report."""
+    """Generate the data (if absent), preload, train FPT+, the linear probe and the side-only control, compare,
+    report."""
     settings = settings or DemoSettings()
     output = Path(output)
     data = output / "data"

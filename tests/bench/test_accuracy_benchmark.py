@@ -23,7 +23,7 @@ from fpt.bench.accuracy_benchmark import (
 from fpt.bench.memory_benchmark import MemorySetting, MiB, full_fine_tuning_params
 from fpt.bench.steps import training_step
 from fpt.cli import main
-from fpt.config import TrainingConfig
+from fpt.config import LinearProbeConfig, TrainingConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec
 from tests.pipeline_fixtures import LPM_INPUT_SIZE, fast_training, interrupt_at_epoch, read_json
@@ -352,8 +352,32 @@ def test_an_lr_grid_reports_each_method_at_its_best_validation_learning_rate(
     assert table[2].endswith("| train time | lr |") and table[4].endswith(f" {best:g} |")
 
 
-def test_an_lr_grid_and_an_lr_are_not_given_together(capsys: pytest.CaptureFixture[str], image_data: Path) -> None:
-    assert main(["bench", "accuracy", str(image_data), "--lr", "1e-3", "--lr-grid", "1e-4,1e-3"]) == 1
-    assert "give --lr or --lr-grid, not both" in capsys.readouterr().err
-    with pytest.raises(FPTError, match="one or more positive learning rates"):
-        benchmark_accuracy(image_data, Path("unused"), ["linear"], BackboneSpec("x"), 64, TrainingConfig(), lr_grid=[0])
+@pytest.mark.parametrize(
+    "options", [["--lr", "1e-3", "--lr-grid", "1e-4,1e-3"], ["--lr-grid", "1e-3", "--lr-scales", "1,3"]]
+)
+def test_only_one_of_lr_lr_grid_and_lr_scales_is_given(
+    capsys: pytest.CaptureFixture[str], image_data: Path, options: list[str]
+) -> None:
+    assert main(["bench", "accuracy", str(image_data), *options]) == 1
+    assert "give one of --lr, --lr-grid and --lr-scales" in capsys.readouterr().err
+    unused = (image_data, Path("unused"), ["linear"], BackboneSpec("x"), 64, TrainingConfig())
+    with pytest.raises(FPTError, match="the learning-rate grid needs one or more positive values"):
+        benchmark_accuracy(*unused, lr_grid=[0])
+    with pytest.raises(FPTError, match="the learning-rate scales needs one or more positive values"):
+        benchmark_accuracy(*unused, lr_scales=[])
+    with pytest.raises(FPTError, match="a learning-rate grid or learning-rate scales, not both"):
+        benchmark_accuracy(*unused, lr_grid=[1e-3], lr_scales=[1.0])
+
+
+def test_lr_scales_search_multiples_of_each_methods_own_default_learning_rate(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    out = tmp_path / "out"
+    training = benchmark_training(None, lr=None)
+    backbone = BackboneSpec(str(tiny_lpm_dir))
+    result = benchmark_accuracy(image_data, out, ["linear"], backbone, 64, training, False, lr_scales=[0.1, 1.0])
+    default = LinearProbeConfig.default_lr
+    for lr in (0.1 * default, default):
+        assert read_json(out / "runs" / "linear" / f"lr{lr:g}" / "run.json")["training"]["lr"] == lr
+    assert result.methods["linear"].lr in (0.1 * default, default) and result.setting.lr_scales == [0.1, 1.0]
+    assert "each method's best lr of 0.1,1 × its default on validation" in (out / "accuracy.md").read_text()

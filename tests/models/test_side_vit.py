@@ -119,6 +119,8 @@ def test_prompts_for_the_wrong_number_of_layers_are_rejected():
 def test_width_not_divisible_by_heads_is_rejected():
     with pytest.raises(FPTError):
         SideViT(img_size=IMG, patch_size=PATCH, embed_dim=10, depth=1, num_heads=3, num_classes=2)
+    with pytest.raises(FPTError, match="attention init must be one of xavier, trunc_normal, got 'kaiming'"):
+        SideViT(IMG, PATCH, embed_dim=12, depth=1, num_heads=3, num_classes=2, attention_init="kaiming")
 
 
 def test_architecture_is_pre_norm_exact_gelu_no_dropout_with_depth_and_heads_as_given():
@@ -147,13 +149,22 @@ def test_architecture_is_pre_norm_exact_gelu_no_dropout_with_depth_and_heads_as_
     torch.testing.assert_close(train_out, side(pixels))
 
 
-def test_fresh_init_is_trunc_normal_002_with_zero_biases():
+@pytest.mark.parametrize("attention_init", ["trunc_normal", "xavier"])
+def test_fresh_init_is_trunc_normal_002_with_zero_biases_and_the_attention_as_asked(attention_init: str):
     torch.manual_seed(0)
-    side = SideViT(img_size=64, patch_size=8, embed_dim=96, depth=2, num_heads=4, num_classes=10)
+    side = SideViT(
+        img_size=64, patch_size=8, embed_dim=96, depth=2, num_heads=4, num_classes=10, attention_init=attention_init
+    )
+    attention = {f"blocks.{i}.attn.{name}" for i in range(2) for name in ("qkv", "proj")}
     for name, module in side.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             weight = module.weight.detach()
-            assert 0.017 < weight.std().item() < 0.023, name
+            if name in attention and attention_init == "xavier":  # uniform on ±sqrt(6 / (fan_in + fan_out))
+                expected = (6 / sum(weight.shape)) ** 0.5 / 3**0.5
+                assert 0.95 * expected < weight.std().item() < 1.05 * expected, name
+                assert weight.abs().max().item() <= (6 / sum(weight.shape)) ** 0.5, name
+            else:
+                assert 0.017 < weight.std().item() < 0.023, name
             assert torch.count_nonzero(module.bias) == 0, name
         elif isinstance(module, torch.nn.LayerNorm):
             assert module.eps == 1e-12, name

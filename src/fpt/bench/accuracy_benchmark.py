@@ -71,6 +71,7 @@ class AccuracySetting:
     memory: MemorySetting
     full_fine_tuning_peak_bytes: int | None
     lr_grid: list[float] | None = None
+    lr_scales: list[float] | None = None
 
 
 class AccuracyBenchmark(BenchmarkResult[AccuracySetting, AccuracyRow]):
@@ -99,27 +100,35 @@ def benchmark_accuracy(
     training: TrainingConfig,
     progress: bool = True,
     lr_grid: Sequence[float] | None = None,
+    lr_scales: Sequence[float] | None = None,
 ) -> AccuracyBenchmark:
     """Train (or reuse, or resume) every method on ``data`` and write ``OUT/accuracy.json`` and ``accuracy.md``.
 
-    With ``lr_grid``, every method trains once per learning rate (into ``OUT/runs/<method>/lr<lr>``) and is
-    reported at the one whose run reached the best validation score (``training.selection_metric``), so that
-    each method gets its own best learning rate; the test split plays no part in that choice.
+    With ``lr_grid`` (learning rates) or ``lr_scales`` (multiples of each method's own default learning rate,
+    for methods whose good rates lie decades apart), every method trains once per learning rate (into
+    ``OUT/runs/<method>/lr<lr>``) and is reported at the one whose run reached the best validation score
+    (``training.selection_metric``), so that each method gets its own best learning rate; the test split plays
+    no part in that choice.
     """
     if not methods:
         raise FPTError("give at least one method to train")
     check_method_variants(list(methods))
-    if lr_grid is not None and (not lr_grid or min(lr_grid) <= 0):
-        raise FPTError("the learning-rate grid needs one or more positive learning rates")
+    if lr_grid is not None and lr_scales is not None:
+        raise FPTError("give a learning-rate grid or learning-rate scales, not both")
+    for name, values in (("grid", lr_grid), ("scales", lr_scales)):
+        if values is not None and (not values or min(values) <= 0):
+            raise FPTError(f"the learning-rate {name} needs one or more positive values")
     out = Path(out)
     outcomes: dict[str, _Outcome] = {}
     for index, method in enumerate(methods, start=1):
         config_class, _ = method_variant(method)
         config = config_class(backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size)
         candidates = []
-        for lr in lr_grid or [training.for_method(config_class).lr]:
+        default_lr = training.for_method(config_class).lr
+        searched = lr_grid or (lr_scales and [default_lr * scale for scale in lr_scales])
+        for lr in searched or [default_lr]:
             run_dir = out / "runs" / method.replace("/", "-")
-            run_dir = run_dir / f"lr{lr:g}" if lr_grid else run_dir
+            run_dir = run_dir / f"lr{lr:g}" if searched else run_dir
             if progress:
                 print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
             method_training = replace(training, lr=lr, cache_dir=_method_cache(training.cache_dir, method))
@@ -174,6 +183,7 @@ def benchmark_accuracy(
         memory=memory.setting,
         full_fine_tuning_peak_bytes=memory.methods[full].peak_bytes,
         lr_grid=list(lr_grid) if lr_grid else None,
+        lr_scales=list(lr_scales) if lr_scales else None,
     )
     result = AccuracyBenchmark(setting, rows)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,10 +195,12 @@ def benchmark_accuracy(
 def format_accuracy_table(result: AccuracyBenchmark) -> str:
     """A Markdown table of ``benchmark_accuracy``'s result (metrics of each run's best checkpoint, test split)."""
     setting, training, memory = result.setting, result.setting.training, result.setting.memory
-    grid = setting.lr_grid
-    lr_column = bool(grid) or training.lr is None  # the methods' learning rates may differ
+    grid, scales = setting.lr_grid, setting.lr_scales
+    lr_column = bool(grid or scales) or training.lr is None  # the methods' learning rates may differ
     if grid:
         lr = f"each method's best lr of {','.join(f'{value:g}' for value in grid)} on validation"
+    elif scales:
+        lr = f"each method's best lr of {','.join(f'{value:g}' for value in scales)} × its default on validation"
     else:
         lr = f"lr {training.lr:g}" if training.lr is not None else "each method's default lr"
     lines = [

@@ -43,6 +43,7 @@ def side_vit(config: SideNetworkConfig, geometry: LPMGeometry, depth: int) -> Si
         depth=depth,
         num_heads=geometry.num_heads,
         num_classes=config.num_classes,
+        attention_init=config.side_attention_init,
     )
 
 

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from fpt.config import ATTENTION_INITS, AttentionInit
 from fpt.errors import FPTError
 
 SIDE_LAYER_NORM_EPS = 1e-12
@@ -48,6 +49,8 @@ class SideViT(nn.Module):
         num_classes: classifier outputs.
         mlp_ratio: MLP hidden width / embed_dim.
         in_chans: image channels.
+        attention_init: initialisation of the blocks' attention projections (qkv and output): "xavier"
+            (Xavier-uniform) or "trunc_normal" (std 0.02, like every other weight; the official code's).
     """
 
     def __init__(
@@ -60,10 +63,13 @@ class SideViT(nn.Module):
         num_classes: int,
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
+        attention_init: AttentionInit = "xavier",
     ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise FPTError(f"side width {embed_dim} is not divisible by {num_heads} heads")
+        if attention_init not in ATTENTION_INITS:
+            raise FPTError(f"attention init must be one of {', '.join(ATTENTION_INITS)}, got '{attention_init}'")
         norm_layer = partial(nn.LayerNorm, eps=SIDE_LAYER_NORM_EPS)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -85,6 +91,12 @@ class SideViT(nn.Module):
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if attention_init == "xavier":
+            # at std 0.02 the path from the fused prompts to the CLS token is a product of tiny weights, and the
+            # loss sits at the class prior for epochs before the prompts are used (BENCHMARKS.md, issue 10)
+            for block in self.blocks:
+                nn.init.xavier_uniform_(block.attn.qkv.weight)
+                nn.init.xavier_uniform_(block.attn.proj.weight)
 
     def forward(self, images: Tensor, prompts: Tensor | None = None) -> Tensor:
         """images [B, C, S, S], fused prompts [B, depth, M, d_side] or None (no prompts) -> logits [B, K]."""
