@@ -38,7 +38,18 @@ python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks 
     --variant "paper=--recipe paper" --variant "lr1e-3=--lr 1e-3" --variant "lr1e-3-balanced=--lr 1e-3 --balanced" \
     --variant "lr1e-3-steps1000=--lr 1e-3 --min-steps 1000"
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear --tasks $TASKS,demo --seeds 0,1,2 \
-    --variant "lr1e-3=--lr 1e-3" --variant "lr1e-2=--lr 1e-2" --variant "lr1e-1=--lr 1e-1" --test --best-of-variants
+    --variant "lr1e-3=--lr 1e-3" --variant "lr1e-2=--lr 1e-2" --variant "lr1e-1=--lr 1e-1" --variant "lr1=--lr 1" \
+    --test --best-of-variants
+PREVIOUS="--prompt-dropout 0.5 --side-attention-init trunc_normal"  # the defaults before the third screening
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks $TASKS,demo --seeds 0,1,2 \
-    --variant "paper=--recipe paper" --variant "default=" --test
-python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks demo --seeds 0 --variant "default=" --test
+    --variant "paper=--recipe paper" --variant "default=$PREVIOUS" --variant "v2=" --test
+# the third screening (a few epochs per change; CHANGE from benchmarks/screen_start.py, or none with OPTIONS)
+python benchmarks/screen_start.py --change head-zero --epochs-shown 8 -- train "$OUT/panel/multigrade-small" \
+    --backbone demo --input-size 512 --seed 0 --cache "$OUT/ablation/cache/multigrade-small/fpt+" \
+    --run "$OUT/screen/head-zero" $PREVIOUS
+# each of the two changes alone, on full runs (validation)
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks multigrade-small,demo --seeds 0,1,2 \
+    --variant "default=$PREVIOUS" --variant "v2-dropout0.5=--prompt-dropout 0.5" \
+    --variant "v2-trunc-normal=--side-attention-init trunc_normal" --variant "v2="
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks demo,multigrade-small --seeds 0,1,2 \
+    --variant "v2=" --test
