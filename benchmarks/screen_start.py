@@ -2,7 +2,7 @@
 
 Each run is `fpt train ARGS...` in this process with one initialisation changed after the model is built (the
 changes that are not command-line options), stopped after `--epochs-shown` epochs of the full schedule; it prints
-one JSON line per epoch (training loss and three gradient norms). Used for the screening table of BENCHMARKS.md
+one JSON line per epoch (training loss and each module's gradient norm). Used for the screening table of BENCHMARKS.md
 (issue 10); the options that became defaults (`--side-attention-init`, `--prompt-dropout`) are ablated there
 with `benchmarks/ablate.py` on full runs.
 
