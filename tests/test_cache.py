@@ -20,11 +20,12 @@ import torch
 
 import fpt.cache
 from fpt.cache import CACHE_DTYPES, CacheWriter, FeatureCache
+from fpt.config import BackboneSpec, LinearProbeConfig
 from fpt.data.datasets import ImageDataset
 from fpt.data.transforms import Normalization
 from fpt.errors import FPTError
 from fpt.models.fpt import FPTModel
-from fpt.preload import PreloadSummary, weights_digest
+from fpt.preload import PreloadSummary, preload_together, weights_digest
 from fpt.task import prepare
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import (
@@ -515,3 +516,70 @@ def test_a_second_writer_waits_for_the_first(tmp_path: Path, setup: Setup) -> No
 def test_the_fingerprint_records_the_precision_the_features_were_computed_in(tmp_path: Path, setup: Setup) -> None:
     run_preload(setup, tmp_path / "cache", precision="bf16")  # on the CPU autocast does not run: fp32
     assert FeatureCache.open(tmp_path / "cache").fingerprint["precision"] == "fp32"
+
+
+def _probe_and_fpt(data: Path, lpm_dir: Path) -> tuple[Setup, Setup]:
+    fpt_plus = make_setup(data, lpm_dir, tapped_layers=[1, 3])
+    probe_config = LinearProbeConfig(backbone=BackboneSpec(str(lpm_dir)), num_classes=1, lpm_input_size=64)
+    return fpt_plus, Setup(*prepare(data, probe_config, fast_training(None), progress=False))
+
+
+def test_one_shared_lpm_pass_fills_each_methods_cache_exactly_as_its_own_preload_does(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    fpt_plus, probe = _probe_and_fpt(image_data, tiny_lpm_dir)
+    run_preload(fpt_plus, tmp_path / "alone" / "fpt+", dtype="float32")
+    run_preload(probe, tmp_path / "alone" / "linear", dtype="float32")
+    targets = [
+        (fpt_plus.model, fast_training(tmp_path / "shared" / "fpt+", cache_dtype="float32", batch_size=8)),
+        (probe.model, fast_training(tmp_path / "shared" / "linear", cache_dtype="float32")),
+    ]
+    forwards: dict[str, int] = {"fpt+": 0, "linear": 0}
+    hooks = [
+        setup.model.frozen_lpm().patch_embed.register_forward_hook(
+            lambda *_, m=method: forwards.update({m: forwards[m] + 1})
+        )
+        for method, setup in (("fpt+", fpt_plus), ("linear", probe))
+    ]
+    try:
+        summaries = preload_together(targets, fpt_plus.dataset, fpt_plus.normalization, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    assert forwards == {"fpt+": -(-NUM_IMAGES // 8), "linear": 0}  # one forward of the first LPM per batch
+    assert [(s.computed, s.reused) for s in summaries] == [(NUM_IMAGES, 0), (NUM_IMAGES, 0)]
+    for method in ("fpt+", "linear"):
+        alone, shared = FeatureCache.open(tmp_path / "alone" / method), FeatureCache.open(tmp_path / "shared" / method)
+        assert shared.fingerprint == alone.fingerprint and shared.layout == alone.layout
+        for key in all_keys(fpt_plus.dataset):
+            for name, part in alone.get(key).items():
+                assert torch.equal(shared.get(key)[name], part), (method, key, name)
+
+
+def test_a_shared_pass_computes_only_what_each_cache_lacks(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    fpt_plus, probe = _probe_and_fpt(image_data, tiny_lpm_dir)
+    run_preload(fpt_plus, tmp_path / "fpt+")
+    targets = [(fpt_plus.model, fast_training(tmp_path / "fpt+", cache_dtype="float16"))]
+    targets.append((probe.model, fast_training(tmp_path / "linear", cache_dtype="float16")))
+    before = (tmp_path / "fpt+" / "index.jsonl").read_bytes()
+
+    summaries = preload_together(targets, fpt_plus.dataset, fpt_plus.normalization, progress=False)
+
+    assert [(s.computed, s.reused) for s in summaries] == [(0, NUM_IMAGES), (NUM_IMAGES, 0)]
+    assert (tmp_path / "fpt+" / "index.jsonl").read_bytes() == before
+    assert sorted(FeatureCache.open(tmp_path / "linear").entries) == sorted(all_keys(probe.dataset))
+
+
+def test_a_shared_pass_refuses_methods_that_read_the_lpm_at_other_sizes(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    fpt_plus, _ = _probe_and_fpt(image_data, tiny_lpm_dir)
+    probe_config = LinearProbeConfig(backbone=BackboneSpec(str(tiny_lpm_dir)), num_classes=1, lpm_input_size=32)
+    probe = Setup(*prepare(image_data, probe_config, fast_training(None), progress=False))
+    targets = [(fpt_plus.model, fast_training(tmp_path / "a")), (probe.model, fast_training(tmp_path / "b"))]
+
+    with pytest.raises(FPTError, match="different LPMs or LPM input sizes; preload them one at a time"):
+        preload_together(targets, fpt_plus.dataset, fpt_plus.normalization, progress=False)

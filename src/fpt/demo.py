@@ -28,7 +28,7 @@ from fpt.data.synthetic import GRADE_NAMES, write_dataset
 from fpt.models.base import TransferModel
 from fpt.models.build import build_model, load_model
 from fpt.predict import predict_images
-from fpt.preload import preload
+from fpt.preload import preload_together
 from fpt.render import html_page, mib
 from fpt.run import REPORT_FILE, Run, read_metrics
 from fpt.runtime import select_device
@@ -64,10 +64,14 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
     cache_dir = str((output / "cache").resolve())
     training = TrainingConfig(seed=settings.seed, cache_dir=cache_dir, **overrides).for_method(FPTPlusConfig)
     fpt_plus = FPTPlusConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
+    probe = LinearProbeConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
+    side_only = SideOnlyConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
+    probe_training = replace(training, cache_dir=str((output / "cache_linear").resolve()))
     started = time.perf_counter()
-    print("[2/6] preloading the frozen LPM's keys/values (computed once)")
+    print("[2/6] preloading the frozen LPM's keys/values and pooled embeddings (one pass, computed once)")
     dataset, model, normalization = prepare(data, fpt_plus, training)
-    summary = preload(model, dataset, normalization, training)
+    probe_model = build_model(probe, load_lpm=False)  # it records its embeddings from the FPT+ model's LPM pass
+    summary, _ = preload_together([(model, training), (probe_model, probe_training)], dataset, normalization)
     stages["preload"] = time.perf_counter() - started
     print(f"      {stages['preload']:.0f} s ({summary.computed} images computed, {summary.reused} reused)")
     del model
@@ -75,9 +79,6 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
     runs = output / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     results = {}
-    probe = LinearProbeConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
-    side_only = SideOnlyConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
-    probe_training = replace(training, cache_dir=str((output / "cache_linear").resolve()))
     plan = [
         ("fpt_plus", fpt_plus, training, [training.lr]),
         ("linear_probe", probe, probe_training, list(PROBE_LRS)),

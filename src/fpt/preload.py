@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fpt._version import __version__
@@ -83,47 +85,116 @@ def preload(
     skipped, so an interrupted preload resumes where it stopped. The model's LPM is moved to that device (in
     place: it is far too large to copy).
     """
-    config = model.config
-    if not config.cacheable:
-        raise FPTError(f"{config.method} has no LPM features to preload; only {cacheable_methods()} train from a cache")
-    if training.cache_dir is None:
-        raise FPTError("preloading needs a cache directory (TrainingConfig.cache_dir, --cache DIR)")
-    start = time.perf_counter()
-    lpm = model.frozen_lpm()  # raises for a model built without its LPM
-    target = select_device(training.device)
-    effective_precision = training.precision if target.type == "cuda" else "fp32"  # autocast only runs on GPUs
-    digest = weights_digest(lpm)
-    fingerprint = cache_fingerprint(
-        config.backbone, digest, model.feature_settings(), normalization, training.cache_dtype, effective_precision
-    )
-    layout = RecordLayout(model.feature_layout(), training.cache_dtype)
-    cache = FeatureCache.create(training.cache_dir, fingerprint, layout, overwrite=overwrite)
+    return preload_together([(model, training)], dataset, normalization, overwrite, progress)[0]
 
+
+def preload_together(
+    targets: Sequence[tuple[TransferModel, TrainingConfig]],
+    dataset: ImageDataset,
+    normalization: Normalization,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[PreloadSummary]:
+    """Fill several methods' caches (each ``training.cache_dir``, in its cache dtype) from one pass of the LPM.
+
+    Only the first model needs its LPM; it runs, on the first training's batch size, workers, device and
+    precision, and every model records its own features from that forward (``recording_features``). All must
+    read the same backbone at the same LPM input size. Each cache gets exactly what ``preload`` would write.
+    """
+    driver, first = targets[0]
+    for model, training in targets:
+        if not model.config.cacheable:
+            raise FPTError(
+                f"{model.config.method} has no LPM features to preload; only {cacheable_methods()} train from a cache"
+            )
+        if training.cache_dir is None:
+            raise FPTError("preloading needs a cache directory (TrainingConfig.cache_dir, --cache DIR)")
+        if (model.config.backbone, model.config.lpm_input_size) != (
+            driver.config.backbone,
+            driver.config.lpm_input_size,
+        ):
+            raise FPTError(
+                f"{model.config.method} and {driver.config.method} read different LPMs or LPM input sizes; "
+                "preload them one at a time"
+            )
+    start = time.perf_counter()
+    lpm = driver.frozen_lpm()  # raises for a model built without its LPM
+    target = select_device(first.device)
+    effective_precision = first.precision if target.type == "cuda" else "fp32"  # autocast only runs on GPUs
+    digest = weights_digest(lpm)
+    caches = [
+        FeatureCache.create(
+            training.cache_dir,
+            cache_fingerprint(
+                model.config.backbone,
+                digest,
+                model.feature_settings(),
+                normalization,
+                training.cache_dtype,
+                effective_precision,
+            ),
+            RecordLayout(model.feature_layout(), training.cache_dtype),
+            overwrite=overwrite,
+        )
+        for model, training in targets
+    ]
     samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
-    with cache.writer() as writer:  # holds the cache's lock: a concurrent preload waits, then reuses our work
-        missing = [samples[key] for key in cache.missing(list(samples), dataset.root)]
+    with ExitStack() as stack:  # each writer holds its cache's lock: a concurrent preload waits, then reuses
+        locked = {id(cache): stack.enter_context(cache.writer()) for cache in sorted(caches, key=_lock_order)}
+        writers = [locked[id(cache)] for cache in caches]
+        missing_per_cache = [set(cache.missing(list(samples), dataset.root)) for cache in caches]
+        missing = [samples[key] for key in samples if any(key in keys for keys in missing_per_cache)]
         lpm.to(target)
-        views = SampleViews(dataset.root, missing, lpm_view=lpm_view(config.lpm_input_size, normalization))
+        views = SampleViews(dataset.root, missing, lpm_view=lpm_view(driver.config.lpm_input_size, normalization))
         loader = DataLoader(
             views,
-            batch_size=training.batch_size,
-            num_workers=worker_count(training.num_workers),
+            batch_size=first.batch_size,
+            num_workers=worker_count(first.num_workers),
             collate_fn=collate,
             pin_memory=target.type == "cuda",
         )
         bar = progress_bar(total=len(missing), unit="img", desc="preload", enabled=progress and bool(missing))
         with bar:
             for batch in loader:
-                with autocast(target, training.precision):
-                    features = model.preload_features(batch.to(target).lpm)
+                images = batch.to(target).lpm
+                with autocast(target, first.precision):
+                    features = _features_of_each(targets, lpm, images)
                 paths = [missing[i].path for i in batch.index.tolist()]
-                stamps = [file_stamp(dataset.root / path) for path in paths]
-                writer.add(paths, features, stamps)
+                stamps = {path: file_stamp(dataset.root / path) for path in paths}
+                for writer, wanted, parts in zip(writers, missing_per_cache, features, strict=True):
+                    rows = [row for row, path in enumerate(paths) if path in wanted]
+                    if rows:
+                        chosen = [paths[row] for row in rows]
+                        writer.add(
+                            chosen, {name: part[rows] for name, part in parts.items()}, [stamps[p] for p in chosen]
+                        )
                 bar.update(len(paths))
-    return PreloadSummary(
-        cache_dir=Path(training.cache_dir),
-        computed=len(missing),
-        reused=len(samples) - len(missing),
-        bytes_on_disk=cache.size_on_disk(),
-        seconds=time.perf_counter() - start,
-    )
+    seconds = time.perf_counter() - start
+    return [
+        PreloadSummary(
+            cache_dir=Path(training.cache_dir),
+            computed=len(wanted),
+            reused=len(samples) - len(wanted),
+            bytes_on_disk=cache.size_on_disk(),
+            seconds=seconds,
+        )
+        for (_, training), cache, wanted in zip(targets, caches, missing_per_cache, strict=True)
+    ]
+
+
+def _lock_order(cache: FeatureCache) -> str:
+    """Locks are always taken in the order of their directories, so two shared preloads never deadlock."""
+    return str(cache.directory.resolve())
+
+
+def _features_of_each(
+    targets: Sequence[tuple[TransferModel, TrainingConfig]], lpm: nn.Module, images: Tensor
+) -> list[dict[str, Tensor]]:
+    """Each target's features of ``images`` [B, C, S, S]: one model's own ``preload_features``, or for several,
+    one full forward of ``lpm`` that all of them record."""
+    if len(targets) == 1:
+        return [targets[0][0].preload_features(images)]
+    with ExitStack() as stack, torch.no_grad():
+        readers = [stack.enter_context(model.recording_features(lpm)) for model, _ in targets]
+        lpm.forward_features(images)
+        return [read() for read in readers]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import fpt.bench.accuracy_benchmark as accuracy_benchmark
+import fpt.preload
 from fpt.bench.accuracy_benchmark import (
     AccuracyBenchmark,
     AccuracyRow,
@@ -26,7 +27,8 @@ from fpt.cli import main
 from fpt.config import LinearProbeConfig, TrainingConfig
 from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec
-from tests.pipeline_fixtures import LPM_INPUT_SIZE, fast_training, interrupt_at_epoch, read_json
+from fpt.preload import PreloadSummary
+from tests.pipeline_fixtures import LPM_INPUT_SIZE, NUM_IMAGES, fast_training, interrupt_at_epoch, read_json
 
 pytest_plugins = ("tests.pipeline_fixtures",)
 
@@ -381,3 +383,30 @@ def test_lr_scales_search_multiples_of_each_methods_own_default_learning_rate(
         assert read_json(out / "runs" / "linear" / f"lr{lr:g}" / "run.json")["training"]["lr"] == lr
     assert result.methods["linear"].lr in (0.1 * default, default) and result.setting.lr_scales == [0.1, 1.0]
     assert "each method's best lr of 0.1,1 × its default on validation" in (out / "accuracy.md").read_text()
+
+
+def test_the_cached_methods_share_one_lpm_pass_and_their_runs_compute_no_features(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    passes: list[list[int]] = []
+    shared_pass = fpt.preload.preload_together
+
+    def recorded(*args: Any, **kwargs: Any) -> list[PreloadSummary]:
+        summaries = shared_pass(*args, **kwargs)
+        passes.append([summary.computed for summary in summaries])
+        return summaries
+
+    monkeypatch.setattr(fpt.preload, "preload_together", recorded)
+    monkeypatch.setattr(accuracy_benchmark, "preload_together", recorded)
+    training = benchmark_training(tmp_path / "cache")
+    benchmark_accuracy(
+        image_data,
+        tmp_path / "out",
+        ("linear", "fpt+"),
+        BackboneSpec(str(tiny_lpm_dir)),
+        LPM_INPUT_SIZE,
+        training,
+        progress=False,
+    )
+
+    assert passes == [[NUM_IMAGES, NUM_IMAGES], [0], [0]]  # the shared pass, then each run's own finds all cached

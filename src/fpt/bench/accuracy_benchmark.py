@@ -33,9 +33,12 @@ from fpt.config import (
 )
 from fpt.errors import FPTError
 from fpt.evaluate import RunResults
+from fpt.models.build import build_model
+from fpt.preload import preload_together
 from fpt.render import mib
 from fpt.run import RESULTS_FILE, RUN_FILE, Run, read_metrics
 from fpt.runtime import select_device
+from fpt.task import prepare
 from fpt.train import resume, train
 
 RESULTS_JSON = "accuracy.json"
@@ -119,16 +122,19 @@ def benchmark_accuracy(
         if values is not None and (not values or min(values) <= 0):
             raise FPTError(f"the learning-rate {name} needs one or more positive values")
     out = Path(out)
-    outcomes: dict[str, _Outcome] = {}
-    for index, method in enumerate(methods, start=1):
+    plan: dict[str, tuple[MethodConfig, list[tuple[float, Path]]]] = {}
+    for method in methods:
         config_class, _ = method_variant(method)
         config = config_class(backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size)
-        candidates = []
         default_lr = training.for_method(config_class).lr
         searched = lr_grid or (lr_scales and [default_lr * scale for scale in lr_scales])
-        for lr in searched or [default_lr]:
-            run_dir = out / "runs" / method.replace("/", "-")
-            run_dir = run_dir / f"lr{lr:g}" if searched else run_dir
+        run_dir = out / "runs" / method.replace("/", "-")
+        plan[method] = config, [(lr, run_dir / f"lr{lr:g}" if searched else run_dir) for lr in searched or [default_lr]]
+    _preload_shared(data, plan, training, progress)
+    outcomes: dict[str, _Outcome] = {}
+    for index, (method, (config, runs)) in enumerate(plan.items(), start=1):
+        candidates = []
+        for lr, run_dir in runs:
             if progress:
                 print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
             method_training = replace(training, lr=lr, cache_dir=_method_cache(training.cache_dir, method))
@@ -234,6 +240,30 @@ def _trained(
     if (run_dir / RUN_FILE).is_file():
         return resume(run_dir, training.device, training.num_workers, progress=progress)
     return train(data, run_dir, config, training, progress=progress)
+
+
+def _preload_shared(
+    data: str | Path,
+    plan: dict[str, tuple[MethodConfig, list[tuple[float, Path]]]],
+    training: TrainingConfig,
+    progress: bool,
+) -> None:
+    """Fill the caches of the cached methods that still have runs to train from one LPM pass (each run would
+    otherwise preload its own)."""
+    pending = [
+        (config, replace(training, cache_dir=_method_cache(training.cache_dir, method)))
+        for method, (config, runs) in plan.items()
+        if _method_cache(training.cache_dir, method) is not None
+        and any(not (run_dir / RESULTS_FILE).is_file() for _, run_dir in runs)
+    ]
+    if len(pending) < 2:
+        return
+    if progress:
+        print(f"preloading the LPM's features for {', '.join(c.method for c, _ in pending)} in one pass")
+    (first_config, first_training), *others = pending
+    dataset, first, normalization = prepare(data, first_config, first_training, progress)
+    targets = [(first, first_training), *((build_model(c, load_lpm=False), t) for c, t in others)]
+    preload_together(targets, dataset, normalization, progress=progress)
 
 
 def _method_cache(cache_dir: str | None, method: str) -> str | None:

@@ -3,6 +3,8 @@ to its config."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,12 @@ class TransferModel(nn.Module):
     def preload_features(self, lpm_images: Tensor) -> dict[str, Tensor]:
         """Cacheable methods: run the frozen LPM on images [B, C, S, S] -> the parts of ``feature_layout``,
         [B, *shape] each."""
+        raise FPTError(f"{self.config.method} has no LPM features to preload")
+
+    def recording_features(self, lpm: nn.Module) -> AbstractContextManager[Callable[[], dict[str, Tensor]]]:
+        """Cacheable methods: while open, every ``forward_features`` of ``lpm`` (the LPM this model's features come
+        from, even one another model holds) records them; the yielded function returns those of the latest
+        forward, as ``preload_features`` would. Several methods' caches can so share one LPM pass."""
         raise FPTError(f"{self.config.method} has no LPM features to preload")
 
     def frozen_lpm(self) -> nn.Module:

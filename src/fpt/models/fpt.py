@@ -3,6 +3,8 @@ side-only control (the same side ViT without prompts or LPM)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +16,13 @@ from fpt.data.loaders import Batch
 from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
 from fpt.models.base import TransferModel, check_input_size
-from fpt.models.frozen_encoder import FrozenEncoder, LPMFeatures, LPMGeometry, validate_tapped_layers
+from fpt.models.frozen_encoder import (
+    FrozenEncoder,
+    LPMFeatures,
+    LPMGeometry,
+    TokenSelection,
+    validate_tapped_layers,
+)
 from fpt.models.fusion import FPTFusion, FPTPlusFusion, PromptFusion
 from fpt.models.side_vit import SideViT
 
@@ -113,6 +121,18 @@ class FPTModel(TransferModel):
     def preload_features(self, lpm_images: Tensor) -> dict[str, Tensor]:
         features = self.encode(lpm_images)
         return {"keys": features.keys, "values": features.values}
+
+    @contextmanager
+    def recording_features(self, lpm: nn.Module) -> Iterator[Callable[[], dict[str, Tensor]]]:
+        config = self.config
+        selection = TokenSelection(tuple(config.tapped_layers), config.token_ratio, config.importance)
+        with selection.recording(lpm) as selected:
+
+            def features() -> dict[str, Tensor]:
+                latest = selected()
+                return {"keys": latest.keys, "values": latest.values}
+
+            yield features
 
     def encode(self, lpm_images: Tensor) -> LPMFeatures:
         """Run the frozen LPM: high-resolution images [B, C, S, S] -> keys/values [B, L, H, T, d_head]."""

@@ -8,6 +8,8 @@ Untapped blocks run the model's normal fused path, and blocks after the last tap
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -102,6 +104,55 @@ def gather_tokens(states: Tensor, indices: Tensor) -> Tensor:
     return states.gather(2, indices.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1]))
 
 
+@dataclass(frozen=True)
+class TokenSelection:
+    """What a method keeps of a frozen LPM: the keys/values of the top ``token_ratio`` of tokens per head, by
+    ``importance`` ("global": mean attention received; "cls": attention from the CLS token), at each tapped
+    block (increasing indices)."""
+
+    tapped_layers: tuple[int, ...]
+    token_ratio: float
+    importance: Importance
+
+    @contextmanager
+    def recording(self, lpm: VisionTransformer) -> Iterator[Callable[[], LPMFeatures]]:
+        """While open, every forward of ``lpm`` selects the important tokens of the tapped blocks (read by a
+        hook on each one's ``attn.qkv``); the yielded function returns those of the latest forward."""
+        selected: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        hooks = [
+            lpm.blocks[layer].attn.qkv.register_forward_hook(
+                partial(self._select, lpm.blocks[layer].attn, layer, selected)
+            )
+            for layer in self.tapped_layers
+        ]
+
+        def features() -> LPMFeatures:
+            keys, values, indices = zip(*(selected[layer] for layer in self.tapped_layers), strict=True)
+            return LPMFeatures(torch.stack(keys, 1), torch.stack(values, 1), torch.stack(indices, 1))
+
+        try:
+            yield features
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _select(
+        self,
+        attn: nn.Module,
+        layer: int,
+        selected: dict[int, tuple[Tensor, Tensor, Tensor]],
+        qkv_linear: nn.Module,
+        inputs: tuple[Tensor],
+        qkv: Tensor,
+    ) -> None:
+        batch, num_tokens, _ = qkv.shape
+        q, k, v = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        num_kept = num_important_tokens(num_tokens, self.token_ratio)
+        indices = important_token_indices(received_attention(q, k, attn.scale, self.importance), num_kept)
+        selected[layer] = (gather_tokens(k, indices), gather_tokens(v, indices), indices)
+
+
 class FrozenEncoder(nn.Module):
     """A frozen timm ViT that returns the keys/values of its important tokens for the tapped layers.
 
@@ -129,9 +180,7 @@ class FrozenEncoder(nn.Module):
             raise FPTError(f"unknown importance rule '{importance}'; choose one of {IMPORTANCE_RULES}")
         if importance == "cls" and not model.has_class_token:
             raise FPTError("importance 'cls' needs a backbone with a CLS token; use 'global'")
-        self.tapped_layers = list(tapped_layers)
-        self.token_ratio = token_ratio
-        self.importance: Importance = importance
+        self.selection = TokenSelection(tuple(tapped_layers), token_ratio, importance)
         self.train(False)
 
     def train(self, mode: bool = True) -> FrozenEncoder:
@@ -147,43 +196,15 @@ class FrozenEncoder(nn.Module):
                 f"LPM input must be square with a side that is a multiple of the patch size "
                 f"{self.geometry.patch_size}; got {tuple(images.shape[-2:])}"
             )
-        num_kept = num_important_tokens(self.geometry.num_tokens(size), self.token_ratio)
-        selected: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        hooks = [
-            self.model.blocks[layer].attn.qkv.register_forward_hook(
-                partial(self._select_tokens, layer, num_kept, selected)
-            )
-            for layer in self.tapped_layers
-        ]
-        try:
+        with self.selection.recording(self.model) as selected:
             self.model.forward_intermediates(
                 images,
-                indices=[self.tapped_layers[-1]],
+                indices=[self.selection.tapped_layers[-1]],
                 stop_early=True,
                 output_fmt="NLC",
                 intermediates_only=True,
             )
-        finally:
-            for hook in hooks:
-                hook.remove()
-        keys, values, indices = zip(*(selected[layer] for layer in self.tapped_layers), strict=True)
-        return LPMFeatures(torch.stack(keys, 1), torch.stack(values, 1), torch.stack(indices, 1))
-
-    def _select_tokens(
-        self,
-        layer: int,
-        num_kept: int,
-        selected: dict[int, tuple[Tensor, Tensor, Tensor]],
-        qkv_linear: nn.Module,
-        inputs: tuple[Tensor],
-        qkv: Tensor,
-    ) -> None:
-        attn = self.model.blocks[layer].attn
-        batch, num_tokens, _ = qkv.shape
-        q, k, v = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        indices = important_token_indices(received_attention(q, k, attn.scale, self.importance), num_kept)
-        selected[layer] = (gather_tokens(k, indices), gather_tokens(v, indices), indices)
+        return selected()
 
 
 def validate_tapped_layers(tapped_layers: list[int], depth: int) -> None:

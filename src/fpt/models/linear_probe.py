@@ -7,6 +7,8 @@ training reads a few KB per image instead of running the LPM.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +56,17 @@ class PooledEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """images [B, C, S, S] -> embeddings [B, D] (D = d, or 2d for "cls+mean")."""
-        tokens = self.model.forward_features(images)  # [B, N, d], after the final norm
-        pooled = []
-        if "cls" in self.pooling:
-            pooled.append(tokens[:, 0])
-        if "mean" in self.pooling:
-            pooled.append(tokens[:, self.model.num_prefix_tokens :].mean(dim=1))
-        return torch.cat(pooled, dim=-1)
+        return pool_tokens(self.model.forward_features(images), self.pooling, self.model.num_prefix_tokens)
+
+
+def pool_tokens(tokens: Tensor, pooling: Pooling, num_prefix_tokens: int) -> Tensor:
+    """The LPM's final normalised tokens [B, N, d] -> embeddings [B, D] (D = d, or 2d for "cls+mean")."""
+    pooled = []
+    if "cls" in pooling:
+        pooled.append(tokens[:, 0])
+    if "mean" in pooling:
+        pooled.append(tokens[:, num_prefix_tokens:].mean(dim=1))
+    return torch.cat(pooled, dim=-1)
 
 
 class LinearProbeModel(TransferModel):
@@ -114,6 +120,21 @@ class LinearProbeModel(TransferModel):
 
     def preload_features(self, lpm_images: Tensor) -> dict[str, Tensor]:
         return {"embedding": self._encoder()(lpm_images)}
+
+    @contextmanager
+    def recording_features(self, lpm: nn.Module) -> Iterator[Callable[[], dict[str, Tensor]]]:
+        if "cls" in self.config.pooling and not lpm.has_class_token:
+            raise FPTError(f"pooling '{self.config.pooling}' needs a backbone with a CLS token; use --pooling mean")
+        latest: list[Tensor] = []
+
+        def record(norm: nn.Module, inputs: tuple[Tensor], tokens: Tensor) -> None:
+            latest[:] = [pool_tokens(tokens, self.config.pooling, lpm.num_prefix_tokens)]
+
+        hook = lpm.norm.register_forward_hook(record)  # forward_features ends with the final norm
+        try:
+            yield lambda: {"embedding": latest[0]}
+        finally:
+            hook.remove()
 
     def frozen_lpm(self) -> nn.Module:
         return self._encoder().model
