@@ -74,6 +74,27 @@ def run_once(panel: Path, out: Path, task: PanelTask, method: str, variant: str,
     return run_dir
 
 
+def preload_shared(panel: Path, out: Path, task: PanelTask, methods: list[str]) -> None:
+    """Fill the caches of ``methods`` on ``task`` from one LPM pass, exactly as each method's `fpt train` (the
+    command line's own defaults, parsed by its own parser) would fill its own."""
+    from fpt.cli import build_parser, config_from_args, training_config_from_args
+    from fpt.models.build import build_model
+    from fpt.preload import preload_together
+    from fpt.task import prepare
+
+    setups = []
+    for method in methods:
+        command = ["train", str(task.data(panel)), "--backbone", "demo", "--input-size", str(task.size)]
+        command += ["--method", method, "--cache", str(out / "cache" / task.name / method)]
+        args = build_parser().parse_args(command)
+        setups.append((config_from_args(args), training_config_from_args(args)))
+    (config, training), *others = setups
+    dataset, model, normalization = prepare(task.data(panel), config, training)
+    targets = [(model, training), *((build_model(c, load_lpm=False), t) for c, t in others)]
+    for summary in preload_together(targets, dataset, normalization):
+        print(f"{summary.cache_dir}: {summary.computed} computed, {summary.reused} cached", flush=True)
+
+
 def outcome(run_dir: Path, task: str, method: str, variant: str, seed: int, with_test: bool) -> RunOutcome:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [record["val_auc"] for record in records if record["val_auc"] is not None]
@@ -146,6 +167,11 @@ def main() -> None:
     )
     parser.add_argument("--test", action="store_true", help="also report test AUC (the final report only)")
     parser.add_argument(
+        "--shared-preload",
+        action="store_true",
+        help="fill each task's caches of all the methods from one LPM pass before training (they must be cached)",
+    )
+    parser.add_argument(
         "--best-of-variants",
         action="store_true",
         help="add a row per task and method: each seed at its variant of best validation AUC (an lr search)",
@@ -160,6 +186,8 @@ def main() -> None:
     total = len(tasks) * len(methods) * len(variants) * len(seeds)
     started = time.perf_counter()
     for task in tasks:
+        if args.shared_preload:
+            preload_shared(args.panel, args.out, task, methods)
         for method in methods:
             for variant, options in variants.items():
                 for seed in seeds:
