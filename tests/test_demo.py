@@ -8,16 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from fpt.config import BackboneSpec
 from fpt.demo import DemoSettings, demo_backbone, run_demo
-from fpt.models.backbone import load_backbone
+from fpt.errors import FPTError
+from fpt.models.backbone import demo_lpm_directory, load_backbone
 
 
 def test_the_shipped_lpm_loads_through_the_backbone_spec_path() -> None:
     spec = demo_backbone()
     model = load_backbone(spec)
     assert (model.embed_dim, len(model.blocks), model.patch_embed.patch_size) == (192, 12, (16, 16))
-    assert Path(spec.name, "config.json").is_file()
-    metrics = json.loads(Path(spec.name, "metrics.json").read_text())
+    assert spec.name == "fpt:demo" and spec.with_absolute_paths() == spec  # by name, not by install path
+    assert (demo_lpm_directory() / "config.json").is_file()
+    metrics = json.loads((demo_lpm_directory() / "metrics.json").read_text())
     assert metrics["held_out_512px"]["recall"] > 0.5  # the pretext task converged
     assert not torch.allclose(model.blocks[0].attn.qkv.weight, torch.zeros(1))
 
@@ -46,3 +49,8 @@ def test_demo_runs_every_stage_and_writes_the_comparison(tmp_path: Path) -> None
     report = (tmp_path / "report.html").read_text()
     assert report.count("_attention.png") == 2
     assert len(list((tmp_path / "examples").glob("*_attention.png"))) == 2
+
+
+def test_the_shipped_lpm_takes_no_other_weights() -> None:
+    with pytest.raises(FPTError, match="fpt:demo comes with its own weights"):
+        load_backbone(BackboneSpec("fpt:demo", weights="other.safetensors"))

@@ -15,6 +15,7 @@ from fpt._version import __version__
 from fpt.config import (
     ATTENTION_INITS,
     CACHE_DTYPE_NAMES,
+    DEMO_BACKBONE,
     IMAGE_FORMATS,
     IMPORTANCE_RULES,
     METERS,
@@ -406,7 +407,7 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
         default=DEFAULT_BACKBONE,
         metavar="NAME",
         help="the pre-trained LPM: a timm name (vit_base_patch16_384.orig_in21k_ft_in1k), hf-hub:ORG/REPO, a "
-        "Hugging Face ViT repo id, a local checkpoint directory, or 'demo' (the shipped demo LPM) "
+        "Hugging Face ViT repo id, a local checkpoint directory, or 'demo' (fpt:demo, the shipped demo LPM) "
         "(default: %(default)s)",
     )
     group.add_argument(
@@ -429,7 +430,7 @@ def _add_input_size_argument(parser: argparse.ArgumentParser) -> None:
 
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     """The backbone spec of ``--backbone`` / ``--backbone-weights`` ('demo': the shipped demo LPM)."""
-    if args.backbone == "demo":
+    if args.backbone in ("demo", DEMO_BACKBONE):
         from fpt.demo import demo_backbone
 
         if args.backbone_weights:

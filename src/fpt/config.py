@@ -33,9 +33,12 @@ METERS: tuple[str, ...] = ("measured", "simulated")
 WEIGHT_DECAY_SCOPES: tuple[str, ...] = ("all", "weights")
 
 
+DEMO_BACKBONE = "fpt:demo"  # the demo LPM shipped with the package, wherever it is installed
+
+
 def is_local_path(name: str) -> bool:
     """True when a backbone name is a path on this machine rather than a model name."""
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    return name != DEMO_BACKBONE and (name.startswith((".", "/", "~")) or Path(name).expanduser().exists())
 
 
 @dataclass
@@ -45,8 +48,9 @@ class BackboneSpec:
     Attributes:
         name: a timm model name, optionally with its pretrained tag
             (``vit_base_patch16_384.orig_in21k_ft_in1k``); a timm Hub model (``hf-hub:timm/...``);
-            a Hugging Face ``ViTModel`` repo id (``google/vit-base-patch16-384``); or a local directory
-            holding a timm or Hugging Face ViT checkpoint (``config.json`` + weights).
+            a Hugging Face ``ViTModel`` repo id (``google/vit-base-patch16-384``); a local directory
+            holding a timm or Hugging Face ViT checkpoint (``config.json`` + weights); or ``fpt:demo``, the
+            demo LPM shipped with the package (recorded by name, so runs and caches outlive a reinstall).
         weights: a local weights file (.safetensors, .pth, .pt, .bin) for the timm architecture ``name``.
             When given, nothing is downloaded.
         model_kwargs: extra timm constructor arguments (``depth``, ``embed_dim``, ...), for timm names.

@@ -15,14 +15,21 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fpt.bench.memory import measure_training_step
-from fpt.config import BackboneSpec, DemoSettings, FPTPlusConfig, LinearProbeConfig, SideOnlyConfig, TrainingConfig
+from fpt.config import (
+    DEMO_BACKBONE,
+    BackboneSpec,
+    DemoSettings,
+    FPTPlusConfig,
+    LinearProbeConfig,
+    SideOnlyConfig,
+    TrainingConfig,
+)
 from fpt.data.datasets import load_dataset
 from fpt.data.synthetic import GRADE_NAMES, write_dataset
 from fpt.models.base import TransferModel
@@ -40,8 +47,8 @@ PROBE_LRS = (1e-3, 1e-2, 1e-1)  # the cached probe trains in seconds, so it gets
 
 
 def demo_backbone() -> BackboneSpec:
-    """The shipped demo LPM, a timm checkpoint directory loaded like any user's."""
-    return BackboneSpec(str(resources.files("fpt") / "assets" / "demo_lpm"))
+    """The shipped demo LPM (``fpt:demo``), a timm checkpoint directory in the package loaded like any user's."""
+    return BackboneSpec(DEMO_BACKBONE)
 
 
 def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None = None) -> dict[str, Any]:

@@ -430,7 +430,7 @@ def test_cli_demo_backbone_is_the_shipped_lpm(capsys: pytest.CaptureFixture[str]
     )
 
     result = json.loads(out)
-    assert Path(result["setting"]["backbone"]["name"]).name == "demo_lpm"
+    assert result["setting"]["backbone"]["name"] == "fpt:demo"
     # the demo LPM is a ViT-Tiny (192 wide, 12 blocks) with 256 px position embeddings (16 x 16 + 1 tokens)
     assert result["setting"]["full_fine_tuning_params"] == vit_params(192, 12, 16, 257, 5)
     assert result["methods"]["linear"]["learnable_params"] == 2 * 192 * 5 + 5

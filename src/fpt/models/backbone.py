@@ -11,6 +11,7 @@ import difflib
 import json
 import re
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from fpt.config import BackboneSpec, is_local_path
+from fpt.config import DEMO_BACKBONE, BackboneSpec, is_local_path
 from fpt.errors import BackboneError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -34,7 +35,11 @@ def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> VisionTransfor
     With ``pretrained=False`` the architecture is built with random weights and nothing is read or
     downloaded except a local directory's ``config.json`` (enough for counting parameters).
     """
-    if is_local_path(spec.name):
+    if spec.name == DEMO_BACKBONE:
+        if spec.weights is not None:
+            raise BackboneError(f"backbone {DEMO_BACKBONE} comes with its own weights; drop the weights file")
+        model = _load_local_directory(demo_lpm_directory(), spec, pretrained)
+    elif is_local_path(spec.name):
         model = _load_local_directory(Path(spec.name).expanduser(), spec, pretrained)
     elif _HF_REPO_ID.match(spec.name) and not spec.name.startswith("hf-hub:"):
         model = _load_hf_repo(spec.name, spec, pretrained)
@@ -44,6 +49,11 @@ def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> VisionTransfor
             _load_weights_file(model, Path(spec.weights).expanduser())
     check_supported(model, spec.name)
     return model.eval().requires_grad_(False)
+
+
+def demo_lpm_directory() -> Path:
+    """Where the installed package keeps the demo LPM (``fpt:demo``): a timm checkpoint directory."""
+    return Path(str(resources.files("fpt") / "assets" / "demo_lpm"))
 
 
 def backbone_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
