@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fpt.cache
-from fpt.cache import CACHE_DTYPES, CacheWriter, FeatureCache
+from fpt.cache import CACHE_DTYPES, CacheWriter, FeatureCache, content_digest
 from fpt.config import BackboneSpec, LinearProbeConfig
 from fpt.data.datasets import ImageDataset
 from fpt.data.transforms import Normalization
@@ -245,11 +245,11 @@ def test_interrupted_preload_resumes_computing_only_the_missing_images(
     original_add = CacheWriter.add
     calls = []
 
-    def interrupted_add(self, keys, parts, stamps=None):
+    def interrupted_add(self, keys, parts, digests):
         calls.append(len(keys))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        original_add(self, keys, parts, stamps)
+        original_add(self, keys, parts, digests)
 
     monkeypatch.setattr(CacheWriter, "add", interrupted_add)
     with pytest.raises(KeyboardInterrupt):
@@ -455,7 +455,8 @@ def test_missing_entry_names_the_image_and_how_to_add_it(tmp_path: Path, setup: 
     assert "'train/a/img999.png'" in message
     assert str(tmp_path / "cache") in message
     assert "fpt preload" in message
-    assert cache.missing(["train/a/img000.png", "train/a/img999.png"]) == ["train/a/img999.png"]
+    present = content_digest(setup.dataset.root / "train/a/img000.png")
+    assert cache.missing({"train/a/img000.png": present, "train/a/img999.png": "0" * 64}) == ["train/a/img999.png"]
 
 
 def test_opening_a_folder_without_a_cache_says_how_to_build_one(tmp_path: Path) -> None:

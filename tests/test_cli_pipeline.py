@@ -251,19 +251,20 @@ def test_errors_inside_dataloader_workers_are_still_one_line(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-    image_data: Path,
     trained_run: Path,
 ) -> None:
-    # a copy of the run whose data has an undecodable test image and which loads data in a worker process
-    data, run = tmp_path / "data", tmp_path / "run"
-    shutil.copytree(image_data, data)
+    # a copy of the run, loading data in a worker process, whose cache copy has a corrupt test record
+    run, cache_dir = tmp_path / "run", tmp_path / "cache"
     shutil.copytree(trained_run, run)
-    splits = read_json(run / "splits.json")
-    (run / "splits.json").write_text(json.dumps({**splits, "root": str(data)}))
     record = read_json(run / "run.json")
+    shutil.copytree(record["training"]["cache_dir"], cache_dir)
     record["training"]["num_workers"] = 1
+    record["training"]["cache_dir"] = str(cache_dir)
     (run / "run.json").write_text(json.dumps(record))
-    (data / "test" / "b" / "img001.png").write_bytes(b"not a png")
+    entry = FeatureCache.open(cache_dir).entries["test/b/img001.png"]
+    with (cache_dir / entry.shard).open("r+b") as shard:
+        shard.seek(entry.slot * FeatureCache.open(cache_dir).layout.nbytes)
+        shard.write(b"\xff" * 8)
     workers: list[int] = []
     worker_count = fpt.run.worker_count
 
@@ -275,11 +276,11 @@ def test_errors_inside_dataloader_workers_are_still_one_line(
 
     assert main(["evaluate", str(run), "--device", "cpu"]) == 1
 
-    assert workers == [1]  # the image was decoded, and failed, in a worker process
+    assert workers == [1]  # the record was read, and refused, in a worker process
 
     error = one_line_error(capsys)
-    assert error.startswith(f"fpt: error: cannot decode image {data / 'test' / 'b' / 'img001.png'}")
-    assert "remove or replace the file" in error
+    assert error.startswith("fpt: error: the cached features of 'test/b/img001.png'")
+    assert "fpt cache verify" in error
     assert "worker" not in error
 
 

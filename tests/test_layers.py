@@ -80,7 +80,7 @@ def depends_on(name: str) -> set[str]:
     ("module", "allowed"),
     [
         ("fpt.config", {"fpt.errors"}),  # the bottom layer: models import config, never the reverse
-        ("fpt.cache", {"fpt.config", "fpt.errors"}),  # storage only: neither models nor data
+        ("fpt.cache", {"fpt.config", "fpt.errors", "fpt.runtime"}),  # storage only: neither models nor data
         ("fpt.data.loaders", {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.data.datasets", "fpt.data.images"}),
     ],
 )

@@ -393,10 +393,10 @@ def test_training_preloads_only_the_missing_images_and_never_runs_the_lpm_itself
     dataset, model, normalization = prepare(image_data, config, fast_training(None), progress=False)
     add = CacheWriter.add
 
-    def add_one_batch_only(self, keys, parts, stamps=None):
+    def add_one_batch_only(self, keys, parts, digests):
         if len(self.cache) >= 8:
             raise KeyboardInterrupt
-        add(self, keys, parts, stamps)
+        add(self, keys, parts, digests)
 
     monkeypatch.setattr(CacheWriter, "add", add_one_batch_only)
     with pytest.raises(KeyboardInterrupt):

@@ -6,20 +6,27 @@ LPM over a dataset and writes here).
 
 A cache directory holds ``manifest.json`` (the fingerprint of everything that determines the features,
 and the record layout: named parts and their shapes), ``index.jsonl`` (one line per image: its path relative
-to the data root, shard and slot) and a few large ``shard-NNNNN.bin`` files of fixed-size records (the
-parts one after another in the cache dtype, e.g. keys then values, each [L, H, T, d_head]). A record's data is
-written and synced before its index line, so an interrupted run (kill -9 included) never leaves a visible
-half-written entry; rerunning computes only what the index lacks.
+to the data root, shard, slot, the SHA-256 of the image file's bytes the features were computed from and the
+CRC-32 of the record) and a few large ``shard-NNNNN.bin`` files of fixed-size records (the parts one after
+another in the cache dtype, e.g. keys then values, each [L, H, T, d_head]). A record's data is written and
+synced before its index line, so an interrupted run (kill -9 included) never leaves a visible half-written
+entry; rerunning computes only what the index lacks. An entry belongs to the exact bytes of its image (a
+changed or other image under the same path is recomputed or refused, never used), and a record whose bytes no
+longer match its checksum is refused when read.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -29,6 +36,7 @@ from torch import Tensor
 
 from fpt.config import CACHE_DTYPE_NAMES
 from fpt.errors import FPTError
+from fpt.runtime import progress_bar
 
 try:
     import fcntl
@@ -55,7 +63,8 @@ def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> 
 class CacheEntry(NamedTuple):
     shard: str
     slot: int
-    stamp: list[int] | None  # file_stamp of the image when it was cached
+    sha256: str | None  # content_digest of the image the record was computed from (None: an older fpt)
+    crc32: int | None  # of the record's bytes (None: an older fpt)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,22 @@ class RecordLayout:
             shape = tuple(layout["shape"])
             return cls({"keys": shape, "values": shape}, layout["dtype"])
         return cls({name: tuple(shape) for name, shape in layout["parts"].items()}, layout["dtype"])
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What ``fpt cache info`` shows of a cache directory."""
+
+    directory: str
+    entries: int
+    legacy_entries: int  # written by an older fpt without content hash and checksum: the next preload recomputes them
+    layout: dict[str, Any]
+    record_bytes: int
+    bytes_on_disk: int
+    fingerprint: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class FeatureCache:
@@ -150,31 +175,71 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def missing(self, keys: Sequence[str], root: Path | None = None) -> list[str]:
-        """Keys without an entry; with the data ``root``, also those whose image file changed since caching
-        (another dataset with the same relative paths, or an image replaced in place)."""
-        return [
-            key
-            for key in keys
-            if key not in self.entries or (root is not None and self.entries[key].stamp != file_stamp(root / key))
-        ]
+    def missing(self, digests: Mapping[str, str]) -> list[str]:
+        """The keys of ``digests`` (key -> ``content_digest`` of its image now) without an entry for exactly
+        those bytes: never cached, or the image changed since (replaced in place, or another dataset's image
+        under the same relative path)."""
+        return [key for key, digest in digests.items() if key not in self.entries or self.entries[key].sha256 != digest]
+
+    def require_current(self, root: Path, keys: Sequence[str]) -> None:
+        """Raise unless every image ``root / key`` is cached from exactly its current bytes."""
+        stale = self.missing(content_digests(root, keys))
+        if stale:
+            shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+            raise FPTError(
+                f"{len(stale)} images are not cached as they are now in {root} ({shown}: changed since, or never "
+                f"cached); recompute them with `fpt preload` (the run's options and --cache {self.directory})"
+            )
+
+    def info(self) -> CacheInfo:
+        return CacheInfo(
+            directory=str(self.directory),
+            entries=len(self.entries),
+            legacy_entries=sum(1 for entry in self.entries.values() if entry.sha256 is None or entry.crc32 is None),
+            layout=self.layout.to_dict(),
+            record_bytes=self.layout.nbytes,
+            bytes_on_disk=self.size_on_disk(),
+            fingerprint=self.fingerprint,
+        )
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Read every record against its checksum and drop the corrupt ones (the index is rewritten atomically,
+        under the cache's lock), so that the next preload recomputes them; returns their keys."""
+        with self.writer():  # reloads the index under the lock
+            corrupt = []
+            bar = progress_bar(list(self.entries), unit="record", desc="verify", enabled=progress)
+            for key in bar:
+                try:
+                    self.get(key)
+                except FPTError:
+                    corrupt.append(key)
+            if corrupt:
+                kept = {key: entry for key, entry in self.entries.items() if key not in corrupt}
+                _rewrite_index(self.directory / INDEX_NAME, kept)
+                self.entries = kept
+        return corrupt
 
     def size_on_disk(self) -> int:
         return sum(path.stat().st_size for path in self.directory.iterdir() if path.is_file())
 
     def get(self, key: str) -> dict[str, Tensor]:
         """The cached parts of one image (e.g. ``keys`` and ``values``, each [L, H, T, d_head]) in the cache dtype."""
-        try:
-            shard, slot, _ = self.entries[key]
-        except KeyError:
+        if key not in self.entries:
             raise FPTError(
                 f"image '{key}' is not in the feature cache {self.directory}; run `fpt preload` again to add it"
-            ) from None
-        if shard not in self._shards:  # opened lazily, so that each DataLoader worker maps its own
-            self._shards[shard] = np.memmap(self.directory / shard, dtype=np.uint8, mode="r")
+            )
+        entry = self.entries[key]
+        if entry.shard not in self._shards:  # opened lazily, so that each DataLoader worker maps its own
+            self._shards[entry.shard] = np.memmap(self.directory / entry.shard, dtype=np.uint8, mode="r")
         size = self.layout.nbytes
-        raw = torch.from_numpy(np.array(self._shards[shard][slot * size : (slot + 1) * size]))
-        flat = raw.view(self.layout.torch_dtype)
+        record = np.array(self._shards[entry.shard][entry.slot * size : (entry.slot + 1) * size])
+        if len(record) != size or (entry.crc32 is not None and zlib.crc32(record) != entry.crc32):
+            raise FPTError(
+                f"the cached features of '{key}' in {self.directory} are corrupt ({entry.shard} slot {entry.slot} "
+                f"{'is truncated' if len(record) != size else 'fails its checksum'}); `fpt cache verify "
+                f"{self.directory}` drops every corrupt record and the next `fpt preload` recomputes them"
+            )
+        flat = torch.from_numpy(record).view(self.layout.torch_dtype)
         sizes = [int(np.prod(shape)) for shape in self.layout.parts.values()]
         return {
             name: part.view(shape)
@@ -208,18 +273,16 @@ class CacheWriter:
         self.shard_name = ""
         self.slots = 0
 
-    def add(
-        self, keys: Sequence[str], parts: dict[str, Tensor], stamps: Sequence[list[int] | None] | None = None
-    ) -> None:
-        """Store a batch: image keys, their parts ([B, *shape] each, named as in the layout) and their files'
-        ``file_stamp``."""
-        stamps = stamps if stamps is not None else [None] * len(keys)
+    def add(self, keys: Sequence[str], parts: dict[str, Tensor], digests: Sequence[str]) -> None:
+        """Store a batch: image keys, their parts ([B, *shape] each, named as in the layout) and the
+        ``content_digest`` of each image file the parts were computed from."""
         layout = self.cache.layout
         if set(parts) != set(layout.parts):
             raise FPTError(f"cache record parts {sorted(parts)} do not match the layout's {sorted(layout.parts)}")
         flat = [parts[name].reshape(len(keys), -1) for name in layout.parts]
         records = torch.cat(flat, dim=1).to("cpu", layout.torch_dtype).contiguous()
         data = records.view(torch.uint8).numpy()
+        checksums = [zlib.crc32(row) for row in data]
         try:
             if self.shard is None or (self.slots + len(keys)) * layout.nbytes > SHARD_BYTES:
                 self._next_shard()
@@ -227,8 +290,8 @@ class CacheWriter:
             self.shard.flush()
             os.fsync(self.shard.fileno())
             lines = [
-                json.dumps({"key": key, "shard": self.shard_name, "slot": self.slots + i, "stamp": stamp}) + "\n"
-                for i, (key, stamp) in enumerate(zip(keys, stamps, strict=True))
+                json.dumps(_index_line(key, CacheEntry(self.shard_name, self.slots + i, digest, checksum))) + "\n"
+                for i, (key, digest, checksum) in enumerate(zip(keys, digests, checksums, strict=True))
             ]
             self.index.write("".join(lines).encode())
             self.index.flush()
@@ -237,8 +300,8 @@ class CacheWriter:
             if error.errno == errno.ENOSPC:
                 raise disk_full_error(self.cache.directory, cached=len(self.cache)) from None
             raise
-        for i, (key, stamp) in enumerate(zip(keys, stamps, strict=True)):
-            self.cache.entries[key] = CacheEntry(self.shard_name, self.slots + i, stamp)
+        for i, (key, digest, checksum) in enumerate(zip(keys, digests, checksums, strict=True)):
+            self.cache.entries[key] = CacheEntry(self.shard_name, self.slots + i, digest, checksum)
         self.slots += len(keys)
 
     def _next_shard(self) -> None:
@@ -264,13 +327,45 @@ def disk_full_error(directory: Path, cached: int) -> FPTError:
     )
 
 
-def file_stamp(path: Path) -> list[int]:
-    """[size, modification time in ns] of an image file: changes when the file is replaced."""
-    status = path.stat()
-    return [status.st_size, status.st_mtime_ns]
+def content_digest(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes: what a cache entry is tied to."""
+    try:
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise FPTError(f"image not found: {path}") from None
+    except OSError as error:
+        raise FPTError(f"cannot read image {path} ({error.strerror}); fix or replace the file") from None
+
+
+def content_digests(root: Path, keys: Sequence[str], progress: bool = False) -> dict[str, str]:
+    """``content_digest`` of every image ``root / key``, hashed on a few threads (hashing releases the GIL)."""
+    bar = progress_bar(total=len(keys), unit="img", desc="hashing", enabled=progress and len(keys) > 1000)
+    with bar, ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        digests = {}
+        for key, digest in zip(keys, pool.map(lambda key: content_digest(root / key), keys), strict=True):
+            digests[key] = digest
+            bar.update(1)
+    return digests
+
+
+def _index_line(key: str, entry: CacheEntry) -> dict[str, Any]:
+    return {"key": key, "shard": entry.shard, "slot": entry.slot, "sha256": entry.sha256, "crc32": entry.crc32}
+
+
+def _rewrite_index(path: Path, entries: dict[str, CacheEntry]) -> None:
+    """Replace the index by one of ``entries``, atomically: a reader sees the old index or the new one."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    with temporary.open("wb") as handle:
+        handle.write("".join(json.dumps(_index_line(key, entry)) + "\n" for key, entry in entries.items()).encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
 
 
 def _read_index(path: Path) -> dict[str, CacheEntry]:
+    """The entries of an index. A damaged line (undecodable, or not an entry) is skipped and entries that share a
+    record are all dropped: their images count as not cached, so the next preload recomputes them."""
     entries: dict[str, CacheEntry] = {}
     if not path.is_file():
         return entries
@@ -278,9 +373,14 @@ def _read_index(path: Path) -> dict[str, CacheEntry]:
         for line in handle:
             if not line.endswith(b"\n"):  # the unfinished tail of an interrupted write
                 break
-            entry = json.loads(line)
-            entries[entry["key"]] = CacheEntry(entry["shard"], entry["slot"], entry.get("stamp"))
-    return entries
+            try:
+                item = json.loads(line)
+                entry = CacheEntry(str(item["shard"]), int(item["slot"]), item.get("sha256"), item.get("crc32"))
+                entries[str(item["key"])] = entry
+            except (ValueError, KeyError, TypeError):
+                continue
+    holders = Counter((entry.shard, entry.slot) for entry in entries.values())
+    return {key: entry for key, entry in entries.items() if holders[(entry.shard, entry.slot)] == 1}
 
 
 def _drop_partial_last_line(path: Path) -> None:

@@ -207,6 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_run_demo)
 
+    cache = commands.add_parser(
+        "cache",
+        help="inspect a feature cache (info) or check every record against its checksum (verify)",
+        description="Feature caches written by `fpt preload` and `fpt train`.",
+    )
+    cache_commands = cache.add_subparsers(title="cache commands", metavar="ACTION", required=True)
+    cache_info = cache_commands.add_parser(
+        "info",
+        help="entries, record layout, size and fingerprint of a cache",
+        description="Print what a cache holds and what its features were computed with.",
+    )
+    cache_info.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    cache_info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    cache_info.set_defaults(handler=_run_cache_info)
+    cache_verify = cache_commands.add_parser(
+        "verify",
+        help="read every record against its checksum; drop the corrupt ones, for the next preload to recompute",
+        description="Read every record of the cache and compare it with the checksum written with it. Corrupt "
+        "records are dropped from the index (atomically, under the cache's lock) and listed; the next `fpt "
+        "preload` or `fpt train` recomputes them. Exits with status 1 when any was corrupt.",
+    )
+    cache_verify.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    cache_verify.set_defaults(handler=_run_cache_verify)
+
     bench = commands.add_parser(
         "bench",
         help="compare methods: training memory and parameters (memory), or accuracy on a dataset (accuracy)",
@@ -691,6 +715,44 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, device=args.device)
     print(json.dumps(metrics, indent=2) if args.json else metrics_table({f"{args.checkpoint} ({args.split})": metrics}))
     return 0
+
+
+def _run_cache_info(args: argparse.Namespace) -> int:
+    from fpt.cache import FeatureCache
+    from fpt.render import mib
+
+    info = FeatureCache.open(args.cache_dir).info()
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return 0
+    parts = ", ".join(f"{name} {list(shape)}" for name, shape in info.layout["parts"].items())
+    legacy = f"{info.legacy_entries:,} from an older fpt, without content hashes: the next preload recomputes them"
+    rows = [
+        ("cache", info.directory),
+        ("entries", f"{info.entries:,}" + (f" ({legacy})" if info.legacy_entries else "")),
+        ("record", f"{parts} in {info.layout['dtype']}, {info.record_bytes:,} bytes"),
+        ("on disk", mib(info.bytes_on_disk)),
+        *((key, json.dumps(value)) for key, value in info.fingerprint.items()),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+    return 0
+
+
+def _run_cache_verify(args: argparse.Namespace) -> int:
+    from fpt.cache import FeatureCache
+
+    cache = FeatureCache.open(args.cache_dir)
+    corrupt = cache.verify(progress=True)
+    if not corrupt:
+        print(f"{len(cache):,} records verified in {args.cache_dir}: none corrupt")
+        return 0
+    shown = ", ".join(corrupt[:5]) + (f" and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
+    print(
+        f"{len(corrupt):,} corrupt records dropped from {args.cache_dir} ({shown}); {len(cache):,} verified; "
+        "the next `fpt preload` or `fpt train` recomputes them"
+    )
+    return 1
 
 
 def _run_predict(args: argparse.Namespace) -> int:

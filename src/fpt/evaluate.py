@@ -75,7 +75,7 @@ def evaluate_run(
         raise FPTError(f"unknown split '{split}'; the run has {', '.join(run.dataset.splits)}")
     directory = run.require_checkpoint(checkpoint)
     target = select_device(device or run.training.device)
-    cache = run.open_cache()
+    cache = run.open_cache([split])
     model = load_model(directory, load_lpm=cache is None).to(target)
     labels, probabilities, loss = predict_loader(model, run.loader(split, cache), target, run.training.precision)
     return {**classification_metrics(labels, probabilities), "loss": loss}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from fpt._version import __version__
-from fpt.cache import FeatureCache, RecordLayout, file_stamp
+from fpt.cache import FeatureCache, RecordLayout, content_digests
 from fpt.config import BackboneSpec, Precision, TrainingConfig, cacheable_methods
 from fpt.data.datasets import ImageDataset
 from fpt.data.loaders import SampleViews, collate, worker_count
@@ -139,10 +139,11 @@ def preload_together(
         for model, training in targets
     ]
     samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
+    digests = content_digests(dataset.root, list(samples), progress)
+    incomplete = [cache for cache in caches if cache.missing(digests)]  # a complete cache is never locked
     with ExitStack() as stack:  # each writer holds its cache's lock: a concurrent preload waits, then reuses
-        locked = {id(cache): stack.enter_context(cache.writer()) for cache in sorted(caches, key=_lock_order)}
-        writers = [locked[id(cache)] for cache in caches]
-        missing_per_cache = [set(cache.missing(list(samples), dataset.root)) for cache in caches]
+        writers = {id(cache): stack.enter_context(cache.writer()) for cache in sorted(incomplete, key=_lock_order)}
+        missing_per_cache = [set(cache.missing(digests)) if id(cache) in writers else set() for cache in caches]
         missing = [samples[key] for key in samples if any(key in keys for keys in missing_per_cache)]
         lpm.to(target)
         views = SampleViews(dataset.root, missing, lpm_view=lpm_view(driver.config.lpm_input_size, normalization))
@@ -160,14 +161,12 @@ def preload_together(
                 with autocast(target, first.precision):
                     features = _features_of_each(targets, lpm, images)
                 paths = [missing[i].path for i in batch.index.tolist()]
-                stamps = {path: file_stamp(dataset.root / path) for path in paths}
-                for writer, wanted, parts in zip(writers, missing_per_cache, features, strict=True):
+                for cache, wanted, parts in zip(caches, missing_per_cache, features, strict=True):
                     rows = [row for row, path in enumerate(paths) if path in wanted]
                     if rows:
                         chosen = [paths[row] for row in rows]
-                        writer.add(
-                            chosen, {name: part[rows] for name, part in parts.items()}, [stamps[p] for p in chosen]
-                        )
+                        parts = {name: part[rows] for name, part in parts.items()}
+                        writers[id(cache)].add(chosen, parts, [digests[path] for path in chosen])
                 bar.update(len(paths))
     seconds = time.perf_counter() - start
     return [

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +105,16 @@ class Run:
             raise FPTError(f"{self.directory} has no '{name}' checkpoint yet")
         return directory
 
-    def open_cache(self) -> FeatureCache | None:
+    def open_cache(self, splits: Sequence[str] | None = None, verify: bool = True) -> FeatureCache | None:
+        """The run's feature cache (None without one). With ``verify``, refused unless it holds the features of
+        the exact current bytes of every image of ``splits`` (all of them by default)."""
         if self.cache_fingerprint is None:
             return None
-        return FeatureCache.open(self.training.cache_dir, self.cache_fingerprint)
+        cache = FeatureCache.open(self.training.cache_dir, self.cache_fingerprint)
+        if verify:
+            keys = [sample.path for split in splits or self.dataset.splits for sample in self.dataset.splits[split]]
+            cache.require_current(self.dataset.root, keys)
+        return cache
 
     def loader(self, split: str, cache: FeatureCache | None, generator: torch.Generator | None = None) -> DataLoader:
         """Batches of ``split``; with a ``generator`` shuffled by it and augmented (for training), else plain.

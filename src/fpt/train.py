@@ -67,7 +67,7 @@ def train(
         model.drop_lpm()  # from here on training never runs (or holds) the LPM
     run = Run(run_dir, model.config, training, str(Path(data).resolve()), normalization, dataset, fingerprint)
     run.save()
-    return _fit(run, model, resume=False, progress=progress)
+    return _fit(run, model, resume=False, progress=progress, verify_cache=False)  # the preload just verified it
 
 
 def resume(
@@ -87,9 +87,9 @@ def resume(
         model = build_model(run.model_config)
         if run.cache_fingerprint is not None:
             model.drop_lpm()
-        return _fit(run, model, resume=False, progress=progress)
+        return _fit(run, model, resume=False, progress=progress, verify_cache=True)
     model = build_model(run.model_config, load_lpm=run.cache_fingerprint is None)
-    return _fit(run, model, resume=True, progress=progress)
+    return _fit(run, model, resume=True, progress=progress, verify_cache=True)
 
 
 @dataclass
@@ -159,12 +159,12 @@ def gradient_norms(model: nn.Module, depth: int = 2) -> dict[str, Tensor]:
     return {group: torch.stack(values).sum().sqrt() for group, values in squares.items()}
 
 
-def _fit(run: Run, model: TransferModel, resume: bool, progress: bool) -> RunResults:
+def _fit(run: Run, model: TransferModel, resume: bool, progress: bool, verify_cache: bool) -> RunResults:
     training = run.training
     seed_everything(training.seed)
     device = select_device(training.device)
     model.to(device)
-    cache = run.open_cache()
+    cache = run.open_cache(verify=verify_cache)
     generator = torch.Generator()
     train_loader = run.loader("train", cache, generator)
     val_loader = run.loader("val", cache)
