@@ -473,14 +473,14 @@ def test_unknown_cache_dtype_is_refused(tmp_path: Path, setup: Setup) -> None:
 def test_disk_full_when_writing_the_manifest_is_a_clear_error(
     tmp_path: Path, setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_text = Path.write_text
+    write = fpt.cache._write_atomically
 
-    def full_disk_write_text(self: Path, *args: Any, **kwargs: Any) -> int:
-        if self.name.startswith("manifest.json"):
+    def full_disk_write(path: Path, data: bytes) -> None:
+        if path.name == "manifest.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write_text(self, *args, **kwargs)
+        write(path, data)
 
-    monkeypatch.setattr(Path, "write_text", full_disk_write_text)
+    monkeypatch.setattr(fpt.cache, "_write_atomically", full_disk_write)
     with pytest.raises(FPTError, match="disk full"):
         run_preload(setup, tmp_path / "cache")
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from tests.pipeline_fixtures import (
     NUM_IMAGES,
     SPLIT_SIZES,
     assert_features_equal,
+    cli_model_args,
+    cli_run_args,
     fast_training,
     one_line_error,
     preload_into,
@@ -242,3 +245,39 @@ def test_cli_cache_info_of_a_folder_without_a_cache_is_one_line(
 ) -> None:
     assert main(["cache", "info", str(tmp_path)]) == 1
     assert "no feature cache at" in one_line_error(capsys)
+
+
+def test_records_left_without_a_manifest_are_never_adopted(tmp_path: Path, data: Path, tiny_lpm_dir: Path) -> None:
+    # the state an --overwrite interrupted after removing the manifest leaves: the old records, no manifest
+    cache, setup = _preloaded(tmp_path, data, tiny_lpm_dir)
+    (cache.directory / "manifest.json").unlink()
+
+    summary = preload_into(setup.model, setup.dataset, cache.directory, setup.normalization)
+
+    assert (summary.computed, summary.reused) == (NUM_IMAGES, 0)
+    assert sorted(path.name for path in cache.directory.glob("shard-*")) == ["shard-00000.bin"]
+
+
+def test_overwrite_waits_for_a_preload_holding_the_cache(tmp_path: Path, data: Path, tiny_lpm_dir: Path) -> None:
+    cache, setup = _preloaded(tmp_path, data, tiny_lpm_dir)
+    done = threading.Event()
+
+    def overwrite() -> None:
+        preload_into(setup.model, setup.dataset, cache.directory, setup.normalization, overwrite=True)
+        done.set()
+
+    with cache.writer():  # as a concurrent preload would hold it
+        thread = threading.Thread(target=overwrite)
+        thread.start()
+        assert not done.wait(1.0)
+        assert (cache.directory / "manifest.json").is_file() and len(FeatureCache.open(cache.directory)) == NUM_IMAGES
+    thread.join(60)
+    assert done.is_set() and len(FeatureCache.open(cache.directory)) == NUM_IMAGES
+
+
+def test_a_cache_path_that_is_a_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data: Path, tiny_lpm_dir: Path
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["preload", str(data), *cli_model_args(tiny_lpm_dir), *cli_run_args(tmp_path / "file")]) == 1
+    assert "is a file, not a directory; pass another --cache" in one_line_error(capsys)

@@ -151,22 +151,27 @@ class FeatureCache:
         An existing cache with another fingerprint is refused unless ``overwrite``, which empties it.
         """
         directory = Path(directory)
-        if (directory / MANIFEST_NAME).is_file():
-            if not overwrite:
-                return cls.open(directory, fingerprint)
-            for path in directory.iterdir():
-                if path.name in (MANIFEST_NAME, INDEX_NAME) or path.name.startswith("shard-"):
-                    path.unlink()
+        if directory.exists() and not directory.is_dir():
+            raise FPTError(f"the cache path {directory} is a file, not a directory; pass another --cache")
+        if (directory / MANIFEST_NAME).is_file() and not overwrite:
+            return cls.open(directory, fingerprint)
         directory.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "layout": layout.to_dict()}
-        temporary = directory / f"{MANIFEST_NAME}.tmp"
-        try:
-            temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise disk_full_error(directory, cached=0) from None
-            raise
-        temporary.replace(directory / MANIFEST_NAME)
+        with _locked(directory):  # a preload into this cache waits until it is built
+            if (directory / MANIFEST_NAME).is_file() and not overwrite:  # another process built it meanwhile
+                return cls.open(directory, fingerprint)
+            # the manifest goes first: an interrupted --overwrite leaves no cache rather than a mix, and records
+            # found without a manifest (such a leftover) cannot be trusted, so they go too
+            (directory / MANIFEST_NAME).unlink(missing_ok=True)
+            for path in directory.iterdir():
+                if path.name == INDEX_NAME or path.name.startswith("shard-"):
+                    path.unlink()
+            manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "layout": layout.to_dict()}
+            try:
+                _write_atomically(directory / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise disk_full_error(directory, cached=0) from None
+                raise
         return cls(directory, fingerprint, layout)
 
     def __contains__(self, key: str) -> bool:
@@ -263,9 +268,7 @@ class CacheWriter:
 
     def __init__(self, cache: FeatureCache) -> None:
         self.cache = cache
-        self.lock = open(cache.directory / LOCK_NAME, "a")  # noqa: SIM115 (closed in close())
-        if fcntl is not None:
-            fcntl.flock(self.lock, fcntl.LOCK_EX)
+        self.lock = _lock(cache.directory)
         cache.entries = _read_index(cache.directory / INDEX_NAME)  # what writers before us added
         _drop_partial_last_line(cache.directory / INDEX_NAME)
         self.index: BinaryIO = open(cache.directory / INDEX_NAME, "ab")  # noqa: SIM115 (closed in close())
@@ -353,14 +356,38 @@ def _index_line(key: str, entry: CacheEntry) -> dict[str, Any]:
     return {"key": key, "shard": entry.shard, "slot": entry.slot, "sha256": entry.sha256, "crc32": entry.crc32}
 
 
-def _rewrite_index(path: Path, entries: dict[str, CacheEntry]) -> None:
-    """Replace the index by one of ``entries``, atomically: a reader sees the old index or the new one."""
+def _lock(directory: Path) -> BinaryIO:
+    """The cache's lock file, held exclusively until the returned handle is closed (a second writer waits)."""
+    handle = open(directory / LOCK_NAME, "ab")  # noqa: SIM115 (the caller closes it)
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    handle = _lock(directory)
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a reader (or a crash) sees its old content or the new one, never a part."""
     temporary = path.with_name(f"{path.name}.tmp")
     with temporary.open("wb") as handle:
-        handle.write("".join(json.dumps(_index_line(key, entry)) + "\n" for key, entry in entries.items()).encode())
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     temporary.replace(path)
+
+
+def _rewrite_index(path: Path, entries: dict[str, CacheEntry]) -> None:
+    """Replace the index by one of ``entries``, atomically."""
+    _write_atomically(
+        path, "".join(json.dumps(_index_line(key, entry)) + "\n" for key, entry in entries.items()).encode()
+    )
 
 
 def _read_index(path: Path) -> dict[str, CacheEntry]:
