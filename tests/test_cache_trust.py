@@ -20,6 +20,7 @@ from fpt.cache import FeatureCache, content_digest
 from fpt.cli import main
 from fpt.errors import FPTError
 from fpt.evaluate import evaluate_run
+from fpt.run import training_into
 from fpt.task import prepare
 from fpt.train import resume, train
 from tests.pipeline_fixtures import (
@@ -281,3 +282,23 @@ def test_a_cache_path_that_is_a_file_is_one_line(
     (tmp_path / "file").write_text("not a folder")
     assert main(["preload", str(data), *cli_model_args(tiny_lpm_dir), *cli_run_args(tmp_path / "file")]) == 1
     assert "is a file, not a directory; pass another --cache" in one_line_error(capsys)
+
+
+def test_a_second_process_training_into_the_same_run_is_refused(tmp_path: Path, data: Path, tiny_lpm_dir: Path) -> None:
+    training = fast_training(tmp_path / "cache", epochs=1)
+    refused = pytest.raises(FPTError, match=r"another fpt process is training into .*run; wait for it to finish")
+    with training_into(tmp_path / "run"), refused:  # held as a first `fpt train --run RUN` would hold it
+        train(data, tmp_path / "run", tiny_config(tiny_lpm_dir), training, progress=False)
+    assert not (tmp_path / "run" / "run.json").exists()
+    train(data, tmp_path / "run", tiny_config(tiny_lpm_dir), training, progress=False)
+    with training_into(tmp_path / "run"), pytest.raises(FPTError, match="another fpt process is training into"):
+        resume(tmp_path / "run", progress=False)
+
+
+def test_a_run_path_that_is_a_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data: Path, tiny_lpm_dir: Path
+) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    args = ["train", str(data), *cli_model_args(tiny_lpm_dir), *cli_run_args(tmp_path / "cache")]
+    assert main([*args, "--run", str(tmp_path / "file"), "--epochs", "1"]) == 1
+    assert f"the run path {tmp_path / 'file'} is a file, not a directory; pass another --run" in one_line_error(capsys)

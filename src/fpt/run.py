@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ from fpt.data.transforms import Normalization, lpm_view, side_view
 from fpt.errors import FPTError
 from fpt.models.base import WEIGHTS_NAME, TransferModel
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two processes training into one run are then not refused
+    fcntl = None
+
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.jsonl"
@@ -49,6 +55,32 @@ PREDICTIONS_DIR = "predictions"
 CHECKPOINTS = ("best", "last")
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+LOCK_FILE = "run.lock"
+
+
+@contextmanager
+def training_into(directory: Path) -> Iterator[None]:
+    """Hold the run directory's lock while training into it: a second process is refused, never interleaved."""
+    if directory.exists() and not directory.is_dir():
+        raise FPTError(f"the run path {directory} is a file, not a directory; pass another --run")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK_FILE, "a")  # noqa: SIM115 (closed below)
+    except OSError as error:
+        raise FPTError(
+            f"cannot write to the run directory {directory} ({error.strerror}); pass another --run"
+        ) from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FPTError(
+                    f"another fpt process is training into {directory}; wait for it to finish or pass another --run"
+                ) from None
+        yield
+    finally:
+        handle.close()
 
 
 @dataclass

@@ -35,6 +35,7 @@ from fpt.run import (
     Run,
     TrainingState,
     save_atomically,
+    training_into,
     truncate_metrics,
 )
 from fpt.runtime import autocast, progress_bar, seed_everything, select_device
@@ -52,10 +53,17 @@ def train(
     ``training.seed``.
     """
     run_dir = Path(run_dir)
-    if (run_dir / RUN_FILE).exists():
-        raise FPTError(
-            f"{run_dir} already holds a run; continue it with `fpt train --resume {run_dir}` or pick a new --run"
-        )
+    with training_into(run_dir):
+        if (run_dir / RUN_FILE).exists():
+            raise FPTError(
+                f"{run_dir} already holds a run; continue it with `fpt train --resume {run_dir}` or pick a new --run"
+            )
+        return _train_new(data, run_dir, model_config, training, progress)
+
+
+def _train_new(
+    data: str | Path, run_dir: Path, model_config: MethodConfig, training: TrainingConfig, progress: bool
+) -> RunResults:
     training = training.for_method(type(model_config))
     if training.cache_dir is not None:  # recorded absolute, so the run can be evaluated from anywhere
         training = replace(training, cache_dir=str(Path(training.cache_dir).resolve()))
@@ -82,14 +90,15 @@ def resume(
     run = Run.load(run_dir)
     overrides = {"device": device, "num_workers": num_workers}
     run.training = replace(run.training, **{k: v for k, v in overrides.items() if v is not None})
-    if run.checkpoint("last") is None:
-        seed_everything(run.training.seed)  # the same initialisation as the interrupted start
-        model = build_model(run.model_config)
-        if run.cache_fingerprint is not None:
-            model.drop_lpm()
-        return _fit(run, model, resume=False, progress=progress, verify_cache=True)
-    model = build_model(run.model_config, load_lpm=run.cache_fingerprint is None)
-    return _fit(run, model, resume=True, progress=progress, verify_cache=True)
+    with training_into(run.directory):
+        if run.checkpoint("last") is None:
+            seed_everything(run.training.seed)  # the same initialisation as the interrupted start
+            model = build_model(run.model_config)
+            if run.cache_fingerprint is not None:
+                model.drop_lpm()
+            return _fit(run, model, resume=False, progress=progress, verify_cache=True)
+        model = build_model(run.model_config, load_lpm=run.cache_fingerprint is None)
+        return _fit(run, model, resume=True, progress=progress, verify_cache=True)
 
 
 @dataclass
