@@ -1,5 +1,6 @@
-"""The feature cache never hands out features of other bytes than the image's: changed images are recomputed
-or refused, damaged records and index lines are caught, and a complete cache is read without taking its lock."""
+"""Trusting the data: the feature cache never hands out features of other bytes than the image's (changed
+images are recomputed or refused, damaged records and index lines are caught, a complete cache is read without
+its lock), one process trains into a run, and unreadable images are all named before anything runs."""
 
 from __future__ import annotations
 
@@ -302,3 +303,18 @@ def test_a_run_path_that_is_a_file_is_one_line(
     args = ["train", str(data), *cli_model_args(tiny_lpm_dir), *cli_run_args(tmp_path / "cache")]
     assert main([*args, "--run", str(tmp_path / "file"), "--epochs", "1"]) == 1
     assert f"the run path {tmp_path / 'file'} is a file, not a directory; pass another --run" in one_line_error(capsys)
+
+
+def test_every_unreadable_image_is_listed_in_one_line_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data: Path, tiny_lpm_dir: Path
+) -> None:
+    (data / "train" / "a" / "img001.png").write_text("not an image")
+    (data / "test" / "c" / "img000.png").write_bytes((data / "test" / "c" / "img000.png").read_bytes()[:100])
+    args = ["train", str(data), *cli_model_args(tiny_lpm_dir), *cli_run_args(tmp_path / "cache")]
+
+    assert main([*args, "--run", str(tmp_path / "run"), "--epochs", "1"]) == 1
+
+    error = one_line_error(capsys)
+    assert "2 images of" in error and "train/a/img001.png (" in error and "test/c/img000.png (" in error
+    assert "replace them, or remove them from the dataset" in error
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "run.json").exists()

@@ -14,8 +14,10 @@ import torch
 
 from fpt.config import MethodConfig, TrainingConfig
 from fpt.data.datasets import ImageDataset, load_dataset
+from fpt.data.images import unreadable_images
 from fpt.data.loaders import dataset_normalization, worker_count
 from fpt.data.transforms import Normalization
+from fpt.errors import FPTError
 from fpt.models.backbone import backbone_mean_std, load_backbone
 from fpt.models.base import TransferModel
 from fpt.models.build import build_model
@@ -37,6 +39,14 @@ def prepare(data: str | Path, model_config: MethodConfig, training: TrainingConf
     dataset = load_dataset(data, training.val_fraction, training.test_fraction, training.seed)
     if dataset.ignored_summary() and progress:
         print(dataset.ignored_summary())
+    unreadable = unreadable_images(dataset.root, [s.path for split in dataset.splits.values() for s in split])
+    if unreadable:
+        listed = "; ".join(f"{key} ({reason})" for key, reason in list(unreadable.items())[:5])
+        more = f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        raise FPTError(
+            f"{len(unreadable)} images of {dataset.root} cannot be read: {listed}{more}; replace them, or remove "
+            "them from the dataset (their files, or their rows of the CSV)"
+        )
     config = replace(model_config, num_classes=len(dataset.classes), class_names=dataset.classes)
     model = build_model(config)
     if training.normalization == "auto":

@@ -418,3 +418,48 @@ def test_csv_listing_an_image_twice_is_refused(tmp_path: Path) -> None:
     manifest = write_csv(tmp_path / "m.csv", "path,label,split\na.png,x,train\nb.png,y,train\na.png,x,test\n")
     with pytest.raises(FPTError, match=r"m\.csv:4: a\.png is already listed on line 2"):
         load_dataset(manifest)
+
+
+def test_csv_paths_are_canonical_so_a_dotted_duplicate_across_splits_is_refused(tmp_path: Path) -> None:
+    make_classes(tmp_path / "data", {"a": 3, "b": 3})
+    text = "path,label,split\n" + "".join(f"data/{c}/{c}_00{i}.png,{c},train\n" for c in "ab" for i in range(3))
+    csv = write_csv(tmp_path / "labels.csv", text + "data/../data/a/a_000.png,a,test\n")
+    with pytest.raises(FPTError, match=r"labels\.csv:8: data/\.\./data/a/a_000\.png is already listed on line 2"):
+        load_dataset(csv)
+
+
+def test_csv_paths_are_stored_in_canonical_form(tmp_path: Path) -> None:
+    make_classes(tmp_path / "data", {"a": 3, "b": 3})
+    rows = "".join(f"./data/x/../{c}/{c}_00{i}.png,{c}\n" for c in "ab" for i in range(3))
+    dataset = load_dataset(write_csv(tmp_path / "labels.csv", "path,label\n" + rows), 0.25, 0.25)
+    assert sorted(all_paths(dataset)) == [f"data/{c}/{c}_00{i}.png" for c in "ab" for i in range(3)]
+
+
+@pytest.mark.parametrize("outside", ["../elsewhere/a.png", "ABSOLUTE"])
+def test_csv_paths_outside_its_folder_are_refused(tmp_path: Path, outside: str) -> None:
+    image = write_image(tmp_path / "elsewhere" / "a.png")
+    make_classes(tmp_path / "data", {"a": 2, "b": 2})
+    listed = str(image) if outside == "ABSOLUTE" else outside
+    csv = write_csv(tmp_path / "data" / "labels.csv", f"path,label\na/a_000.png,a\n{listed},a\nb/b_000.png,b\n")
+    with pytest.raises(
+        FPTError, match=r"labels\.csv:3: .*a\.png lies outside the CSV's folder .*put the CSV in a folder"
+    ):
+        load_dataset(csv)
+
+
+def test_a_file_linked_under_two_names_is_listed_once(tmp_path: Path) -> None:
+    make_classes(tmp_path / "data", {"a": 2, "b": 2})
+    (tmp_path / "data" / "a" / "link.png").symlink_to(tmp_path / "data" / "b" / "b_000.png")
+    text = "path,label\na/a_000.png,a\na/a_001.png,a\nb/b_000.png,b\nb/b_001.png,b\na/link.png,a\n"
+    with pytest.raises(FPTError, match=r"a/link\.png is already listed on line 4"):
+        load_dataset(write_csv(tmp_path / "data" / "labels.csv", text))
+
+
+@pytest.mark.parametrize("layout", ["folders", "csv"])
+def test_a_dataset_with_one_class_is_refused(tmp_path: Path, layout: str) -> None:
+    paths = make_classes(tmp_path / "data", {"only": 6})
+    source = tmp_path / "data"
+    if layout == "csv":
+        source = write_csv(tmp_path / "data" / "labels.csv", "path,label\n" + "".join(f"{p},only\n" for p in paths))
+    with pytest.raises(FPTError, match=r"has one class \(only\); a classifier needs images of at least two classes"):
+        load_dataset(source)

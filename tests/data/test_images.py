@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fpt.data.images import is_image_file, load_image
+from fpt.data.images import BOMB, is_image_file, load_image, unreadable_images
 from fpt.errors import FPTError
 
 # a 5 x 7 RGB picture (height != width, so a transposed result cannot pass)
@@ -161,7 +163,7 @@ def test_truncated_png_raises_fpt_error_naming_the_path(tmp_path: Path) -> None:
     with pytest.raises(FPTError, match=r"broken\.png") as error:
         load_image(path)
     assert str(path) in str(error.value)
-    assert "remove or replace" in str(error.value)
+    assert "replace it with a readable copy" in str(error.value)
 
 
 def test_file_that_is_not_an_image_raises_fpt_error(tmp_path: Path) -> None:
@@ -203,3 +205,28 @@ def test_unreadable_path_raises_fpt_error(tmp_path: Path) -> None:
 )
 def test_is_image_file(name: str, is_image: bool) -> None:
     assert is_image_file(Path(name)) is is_image
+
+
+def test_a_decompression_bomb_is_one_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())  # a real PNG whose header now claims 40000 x 40000 pixels
+    data[16:24] = struct.pack(">II", 40000, 40000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    with pytest.raises(FPTError, match=r"image .*bomb\.png claims more pixels than PIL's decompression-bomb limit"):
+        load_image(path)
+    assert unreadable_images(tmp_path, ["bomb.png"]) == {"bomb.png": BOMB}
+
+
+def test_unreadable_images_lists_every_unreadable_file_with_its_reason(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(good)
+    (tmp_path / "text.png").write_text("not an image")
+    data = good.read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+
+    found = unreadable_images(tmp_path, ["good.png", "text.png", "truncated.png", "absent.png"])
+
+    assert sorted(found) == ["absent.png", "text.png", "truncated.png"]
+    assert found["absent.png"] == "not found"

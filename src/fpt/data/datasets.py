@@ -8,6 +8,7 @@ Missing val/test splits are made by a seeded stratified split of the training im
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -88,6 +89,10 @@ def load_dataset(
             f"val and test fractions ({val_fraction}, {test_fraction}) must each be in (0, 1) and leave images "
             "for training"
         )
+    if len(classes) < 2:
+        raise FPTError(
+            f"{source} has one class ({', '.join(classes)}); a classifier needs images of at least two classes"
+        )
     generated = None
     missing = [name for name in SPLITS if name not in splits]
     if missing:
@@ -141,6 +146,7 @@ def _read_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]], list[
 
 
 def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    root = path.parent
     with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
@@ -155,17 +161,25 @@ def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
         split = (row.get("split") or "train").strip() if "split" in columns else "train"
         if split not in SPLITS:
             raise FPTError(f"{path}:{line}: split '{split}' is not one of {', '.join(SPLITS)}")
-        image = Path(row["path"].strip())
-        if not (path.parent / image).is_file():
-            raise FPTError(f"{path}:{line}: image {path.parent / image} does not exist")
+        listed = row["path"].strip()
+        location = Path(os.path.normpath(root / listed))  # lexically: data/../data/x.png is data/x.png
+        if not location.is_relative_to(root):
+            raise FPTError(
+                f"{path}:{line}: {listed} lies outside the CSV's folder {root}; image paths are relative to it, so "
+                "put the CSV in a folder that holds all the images"
+            )
+        image = location.relative_to(root)
+        if not location.is_file():
+            raise FPTError(f"{path}:{line}: image {location} does not exist")
         if not is_image_file(image):
             raise FPTError(f"{path}:{line}: {image} is not a supported image (.jpg .png .tif .bmp)")
-        if image.as_posix() in first_line:
+        real = os.path.realpath(location)  # the same file under two names (a link) counts once too
+        if real in first_line:
             raise FPTError(
-                f"{path}:{line}: {image} is already listed on line {first_line[image.as_posix()]}; each image may "
+                f"{path}:{line}: {listed} is already listed on line {first_line[real]} (the same file); each image may "
                 "appear once (an image in two splits would leak into evaluation)"
             )
-        first_line[image.as_posix()] = line
+        first_line[real] = line
         by_split.setdefault(split, []).append((image.as_posix(), row["label"].strip()))
     if "train" not in by_split:
         raise FPTError(f"{path} has no training rows (split 'train' or an empty split column)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from fpt.errors import FPTError
 
+BOMB = "claims more pixels than PIL's decompression-bomb limit (a crafted or damaged header)"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 
 
@@ -33,9 +35,32 @@ def load_image(path: str | Path) -> Tensor:
         raise FPTError(f"image not found: {path}") from None
     except PermissionError:
         raise FPTError(f"cannot read image {path}: permission denied; fix its permissions") from None
+    except Image.DecompressionBombError:
+        raise FPTError(f"image {path} {BOMB}; downscale it or replace it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise FPTError(f"cannot decode image {path} ({error}); remove or replace the file") from None
+        raise FPTError(f"cannot decode image {path} ({error}); replace it with a readable copy") from None
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def unreadable_images(root: Path, keys: list[str]) -> dict[str, str]:
+    """The images ``root / key`` whose header cannot be read, each with the reason (key -> reason): a cheap check,
+    run on a few threads, that lists every unreadable file at once before any work starts."""
+
+    def problem(key: str) -> str | None:
+        try:
+            with Image.open(root / key) as image:
+                image.verify()  # reads the file without decoding it: PNG chunk checksums catch truncation
+        except Image.DecompressionBombError:
+            return BOMB
+        except FileNotFoundError:
+            return "not found"
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            return str(error) or type(error).__name__
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(keys, pool.map(problem, keys), strict=True))
+    return {key: reason for key, reason in found.items() if reason is not None}
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
