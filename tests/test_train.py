@@ -126,7 +126,7 @@ def test_gradient_norms_are_grouped_by_module_path() -> None:
 
 def test_nothing_in_a_run_directory_is_pickled(trained_run: Path) -> None:
     suffixes = {path.suffix for path in trained_run.rglob("*") if path.is_file() and path.parent.name != "tensorboard"}
-    assert suffixes <= {".json", ".jsonl", ".safetensors", ".csv", ".html", ".png"}
+    assert suffixes <= {".json", ".jsonl", ".safetensors", ".csv", ".html", ".png", ".lock"}  # run.lock is empty
     for path in (trained_run / "checkpoints").rglob("*"):
         if path.suffix == ".safetensors":
             assert load_file(path)  # loads without unpickling anything

@@ -128,19 +128,31 @@ class FeatureCache:
         manifest_path = directory / MANIFEST_NAME
         if not manifest_path.is_file():
             raise FPTError(f"no feature cache at {directory} (no {MANIFEST_NAME}); build it with `fpt preload`")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") not in (1, CACHE_FORMAT):
+        damaged = FPTError(
+            f"{manifest_path} is damaged (not a cache manifest); rebuild the cache with "
+            f"`fpt preload ... --cache {directory} --overwrite`"
+        )
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+            version = manifest.get("format")
+        except (ValueError, AttributeError):
+            raise damaged from None
+        if version not in (1, CACHE_FORMAT):
             raise FPTError(
-                f"{manifest_path} has cache format {manifest.get('format')}, this fpt reads 1 and {CACHE_FORMAT}; "
+                f"{manifest_path} has cache format {version}, this fpt reads 1 and {CACHE_FORMAT}; "
                 f"rebuild it with `fpt preload ... --cache {directory} --overwrite`"
             )
-        if fingerprint is not None and manifest["fingerprint"] != fingerprint:
-            differences = "; ".join(fingerprint_differences(fingerprint, manifest["fingerprint"]))
+        try:
+            found, layout = dict(manifest["fingerprint"]), RecordLayout.from_manifest(manifest)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise damaged from None
+        if fingerprint is not None and found != fingerprint:
+            differences = "; ".join(fingerprint_differences(fingerprint, found))
             raise FPTError(
                 f"the feature cache at {directory} was built with other settings ({differences}); rebuild it with "
                 f"`fpt preload ... --cache {directory} --overwrite` or pass another --cache directory"
             )
-        return cls(directory, manifest["fingerprint"], RecordLayout.from_manifest(manifest))
+        return cls(directory, found, layout)
 
     @classmethod
     def create(
@@ -284,6 +296,13 @@ class CacheWriter:
             raise FPTError(f"cache record parts {sorted(parts)} do not match the layout's {sorted(layout.parts)}")
         flat = [parts[name].reshape(len(keys), -1) for name in layout.parts]
         records = torch.cat(flat, dim=1).to("cpu", layout.torch_dtype).contiguous()
+        finite = torch.isfinite(records).all(dim=1)
+        if not finite.all():
+            bad = [key for key, ok in zip(keys, finite.tolist(), strict=True) if not ok]
+            raise FPTError(
+                f"the LPM's features of {', '.join(bad[:3])} are not finite in {layout.dtype} (an overflow, or NaN in "
+                "the image or the LPM's weights); use --cache-dtype float32, or check those images"
+            )
         data = records.view(torch.uint8).numpy()
         checksums = [zlib.crc32(row) for row in data]
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import os
 import sys
@@ -67,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fpt: interrupted; everything finished so far is kept (rerun to continue)", file=sys.stderr)
         return 130
+    except OSError as error:  # the filesystem refused a write or read fpt did not foresee: one line, naming the file
+        if args.traceback or os.environ.get("FPT_DEBUG", "") not in ("", "0"):
+            raise
+        advice = {
+            errno.ENOSPC: "free space and rerun (finished work is kept)",
+            errno.EROFS: "the filesystem is read-only; pass a writable folder",
+            errno.EACCES: "fix its permissions or pass another folder",
+        }.get(error.errno or 0, "rerun with --traceback for details")
+        print(f"fpt: error: {error.filename or 'a file'}: {error.strerror or error}; {advice}", file=sys.stderr)
+        return 1
 
 
 def _training_default(name: str) -> object:
@@ -758,6 +769,8 @@ def _run_cache_verify(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     from fpt.predict import predict_images, prediction_rows
 
+    if args.csv and not Path(args.csv).resolve().parent.is_dir():
+        raise FPTError(f"--csv {args.csv}: its folder does not exist; create it or pass another path")
     predictions = predict_images(
         args.run_dir, args.images, checkpoint=args.checkpoint, device=args.device, explain_dir=args.explain
     )

@@ -512,6 +512,9 @@ class TrainingConfig:
             raise FPTError("epochs and batch size must be positive")
         if self.min_steps < 0:
             raise FPTError(f"min_steps must not be negative, got {self.min_steps}")
+        finite = (self.lr or 1.0, self.weight_decay, self.warmup_epochs, self.fusion_lr_scale, self.label_smoothing)
+        if not all(math.isfinite(value) for value in finite):
+            raise FPTError("learning rate, weight decay, warm-up, fusion lr scale and label smoothing must be numbers")
         if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise FPTError("learning rate must be positive, weight decay and warm-up not negative")
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
@@ -522,7 +525,7 @@ class TrainingConfig:
             raise FPTError("label smoothing must be in [0, 1)")
         if self.num_workers is not None and self.num_workers < 0:
             raise FPTError("--workers must not be negative")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise FPTError("gradient clipping norm must be positive (0 on the command line disables it)")
         augmentation = self.augmentation
         low, high = augmentation.crop_scale

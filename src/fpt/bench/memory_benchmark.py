@@ -105,6 +105,8 @@ def benchmark_memory(
     check_method_variants(list(methods))
     if not meters or any(m not in METERS for m in meters):
         raise FPTError(f"meters must be among {', '.join(METERS)}")
+    if batch_size < 1 or num_classes < 1:
+        raise FPTError(f"the batch size and the number of classes must be positive (got {batch_size}, {num_classes})")
     if not isinstance(cache_dtype, torch.dtype) or not cache_dtype.is_floating_point:
         raise FPTError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
     target = select_device(device)

@@ -32,6 +32,7 @@ from fpt.config import SynthTask
 from fpt.errors import FPTError
 
 GRADE_NAMES = ("0_none", "1_mild", "2_moderate", "3_severe")
+MIN_SIZE = 32  # pixels
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,12 @@ def write_dataset(
     """
     from fpt.runtime import progress_bar
 
+    if size < MIN_SIZE:
+        raise FPTError(
+            f"synthetic images need at least {MIN_SIZE} px (lesions and vessels do not fit below), got {size}"
+        )
+    if min(counts.values(), default=0) < 0 or sum(counts.values()) < 1:
+        raise FPTError(f"image counts must not be negative and must add up to at least one, got {counts}")
     task = task or SynthTask()
     cycle = task.label_cycle()
     root = Path(root)

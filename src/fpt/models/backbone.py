@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import pickle
 import re
 from functools import partial
 from importlib import resources
@@ -112,6 +113,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_state_dict(str(path), weights_only=True)
     except Exception as error:  # unreadable, truncated, or pickled objects that weights_only refuses
+        if isinstance(error, pickle.UnpicklingError) or isinstance(error.__cause__, pickle.UnpicklingError):
+            raise BackboneError(
+                f"weights file {path} holds pickled Python objects besides tensors, which fpt never unpickles (they "
+                "could run code); save its state dict as .safetensors (safetensors.torch.save_file) and pass that"
+            ) from None
         raise BackboneError(f"cannot read weights file {path}: {error}") from None
 
 
@@ -121,6 +127,17 @@ def load_vit_state_dict(model: VisionTransformer, state_dict: dict[str, torch.Te
     num_classes = head.shape[0] if head is not None else 0
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes)
+    model_state = model.state_dict()
+    mismatched = [
+        f"{key} {tuple(value.shape)} (the architecture's {tuple(model_state[key].shape)})"
+        for key, value in state_dict.items()
+        if key in model_state and value.shape != model_state[key].shape
+    ]
+    if mismatched:
+        raise BackboneError(
+            f"weights in {source} have other shapes than the architecture: {_few(mismatched)}; check that --backbone "
+            "names the architecture they were trained with"
+        )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise BackboneError(
