@@ -535,6 +535,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help=f"share of train made into test if absent (default: {default('test_fraction')})",
     )
+    group.add_argument(
+        "--images-outside-root",
+        action="store_true",
+        help="let a CSV list images outside its own folder (refused by default)",
+    )
     group.add_argument("--batch-size", type=int, metavar="B", help=f"batch size (default: {default('batch_size')})")
     group.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (default: spare cores, max 4)")
     group.add_argument("--device", help="auto (cuda > mps > cpu, default), cpu, cuda, cuda:N or mps")
@@ -656,7 +661,12 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         options["clip_grad_norm"] = clip or None
     options["cache_dir"] = None if getattr(args, "no_cache", False) else args.cache or DEFAULT_CACHE
     augmentation = Augmentation(**given({name: name for name in AUGMENTATION_OPTIONS}))
-    return TrainingConfig(**options, balanced_class_weights=getattr(args, "balanced", False), augmentation=augmentation)
+    return TrainingConfig(
+        **options,
+        balanced_class_weights=getattr(args, "balanced", False),
+        images_outside_root=getattr(args, "images_outside_root", False),
+        augmentation=augmentation,
+    )
 
 
 def _run_info(args: argparse.Namespace) -> int:

@@ -470,6 +470,8 @@ class TrainingConfig:
         augmentation: training-time augmentation of the side view (FPT) or of the high-resolution view
             (the baselines, which train through the LPM).
         val_fraction, test_fraction: shares moved out of train when a split is missing.
+        images_outside_root: let a CSV list images outside its own folder (refused by default: such a path is
+            easily a mistake, and an image reached by two spellings could sit in two splits).
     """
 
     epochs: int = 20
@@ -495,6 +497,7 @@ class TrainingConfig:
     augmentation: Augmentation = field(default_factory=Augmentation)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    images_outside_root: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.augmentation, dict):

@@ -36,7 +36,9 @@ def prepare(data: str | Path, model_config: MethodConfig, training: TrainingConf
     Seeds the global random generators with ``training.seed`` first (the model's initialisation depends on it).
     """
     seed_everything(training.seed)
-    dataset = load_dataset(data, training.val_fraction, training.test_fraction, training.seed)
+    dataset = load_dataset(
+        data, training.val_fraction, training.test_fraction, training.seed, training.images_outside_root
+    )
     if dataset.ignored_summary() and progress:
         print(dataset.ignored_summary())
     unreadable = unreadable_images(dataset.root, [s.path for split in dataset.splits.values() for s in split])

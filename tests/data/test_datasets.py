@@ -442,7 +442,7 @@ def test_csv_paths_outside_its_folder_are_refused(tmp_path: Path, outside: str) 
     listed = str(image) if outside == "ABSOLUTE" else outside
     csv = write_csv(tmp_path / "data" / "labels.csv", f"path,label\na/a_000.png,a\n{listed},a\nb/b_000.png,b\n")
     with pytest.raises(
-        FPTError, match=r"labels\.csv:3: .*a\.png lies outside the CSV's folder .*put the CSV in a folder"
+        FPTError, match=r"labels\.csv:3: .*a\.png lies outside the CSV's folder .*--images-outside-root"
     ):
         load_dataset(csv)
 
@@ -463,3 +463,15 @@ def test_a_dataset_with_one_class_is_refused(tmp_path: Path, layout: str) -> Non
         source = write_csv(tmp_path / "data" / "labels.csv", "path,label\n" + "".join(f"{p},only\n" for p in paths))
     with pytest.raises(FPTError, match=r"has one class \(only\); a classifier needs images of at least two classes"):
         load_dataset(source)
+
+
+def test_images_outside_the_csvs_folder_are_read_when_allowed_under_a_canonical_path(tmp_path: Path) -> None:
+    make_classes(tmp_path / "data", {"a": 3, "b": 3})
+    outside = [write_image(tmp_path / "elsewhere" / f"x{i}.png") for i in range(3)]
+    rows = "".join(f"{c}/{c}_00{i}.png,{c}\n" for c in "ab" for i in range(3))
+    rows += "".join(f"../elsewhere/./x{i}.png,a\n" for i in range(3))
+    dataset = load_dataset(write_csv(tmp_path / "data" / "labels.csv", "path,label\n" + rows), images_outside_root=True)
+    assert {f"../elsewhere/{path.name}" for path in outside} <= set(all_paths(dataset))
+    twice = rows + f"{outside[0]},b\n"  # the same file by its absolute path
+    with pytest.raises(FPTError, match="is already listed on line 8"):
+        load_dataset(write_csv(tmp_path / "data" / "twice.csv", "path,label\n" + twice), images_outside_root=True)

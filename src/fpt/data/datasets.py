@@ -73,12 +73,17 @@ class ImageDataset:
 
 
 def load_dataset(
-    source: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+    source: str | Path,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    images_outside_root: bool = False,
 ) -> ImageDataset:
-    """Read the dataset at ``source``: a folder (split layout or class folders) or a ``.csv`` manifest."""
+    """Read the dataset at ``source``: a folder (split layout or class folders) or a ``.csv`` manifest (whose
+    images must lie in its own folder unless ``images_outside_root``)."""
     source = Path(source).expanduser().resolve()
     if source.is_file() and source.suffix.lower() == ".csv":
-        root, classes, splits, ignored = source.parent, *_read_csv(source), []
+        root, classes, splits, ignored = source.parent, *_read_csv(source, images_outside_root), []
     elif source.is_dir():
         root = source
         classes, splits, ignored = _read_folders(source)
@@ -145,7 +150,7 @@ def _read_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]], list[
     return classes, splits, ignored
 
 
-def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+def _read_csv(path: Path, images_outside_root: bool) -> tuple[list[str], dict[str, list[Sample]]]:
     root = path.parent
     with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(handle)
@@ -163,12 +168,12 @@ def _read_csv(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
             raise FPTError(f"{path}:{line}: split '{split}' is not one of {', '.join(SPLITS)}")
         listed = row["path"].strip()
         location = Path(os.path.normpath(root / listed))  # lexically: data/../data/x.png is data/x.png
-        if not location.is_relative_to(root):
+        if not location.is_relative_to(root) and not images_outside_root:
             raise FPTError(
-                f"{path}:{line}: {listed} lies outside the CSV's folder {root}; image paths are relative to it, so "
-                "put the CSV in a folder that holds all the images"
+                f"{path}:{line}: {listed} lies outside the CSV's folder {root}; put the CSV in a folder that holds "
+                "all the images, or pass --images-outside-root"
             )
-        image = location.relative_to(root)
+        image = Path(os.path.relpath(location, root))  # canonical, with leading ../ for an image outside
         if not location.is_file():
             raise FPTError(f"{path}:{line}: image {location} does not exist")
         if not is_image_file(image):
