@@ -128,3 +128,9 @@ def test_min_steps_prompt_dropout_and_side_attention_init_reach_the_configs() ->
     assert (config.prompt_dropout, config.side_attention_init) == (0.2, "trunc_normal")
     default = config_from_args(build_parser().parse_args(["train", "d", "--run", "r"]))
     assert (default.prompt_dropout, default.side_attention_init) == (0.0, "xavier")
+
+
+def test_images_outside_root_reaches_the_training_config_and_is_off_by_default() -> None:
+    parse = build_parser().parse_args
+    assert not training_config_from_args(parse(["train", "d", "--run", "r"])).images_outside_root
+    assert training_config_from_args(parse(["preload", "d", "--images-outside-root"])).images_outside_root
