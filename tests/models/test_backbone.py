@@ -67,7 +67,7 @@ def test_checkpoint_without_head_gives_a_headless_model(tmp_path: Path) -> None:
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "payload": Path("x")}, path)
-    with pytest.raises(BackboneError, match="cannot read weights file"):
+    with pytest.raises(BackboneError, match="holds pickled Python objects besides tensors, which fpt never unpickles"):
         load_backbone(BackboneSpec(TINY_ARCH, weights=str(path), model_kwargs=TINY_KWARGS))
 
 
