@@ -19,7 +19,10 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -194,22 +197,34 @@ def write_dataset(
     task = task or SynthTask()
     cycle = task.label_cycle()
     root = Path(root)
-    rows = []
+    rows, jobs = [], []
     start = first_seed
-    with progress_bar(total=sum(counts.values()), enabled=progress, desc="synthesise", unit="img") as bar:
-        for split, count in counts.items():
-            for seed in range(start, start + count):
-                grade = cycle[seed % len(cycle)]
-                sample = synthesize(seed, grade, size, task.lesion_scale, task.lesion_count)
-                path = Path(split) / GRADE_NAMES[grade] / f"{seed:06d}.{task.image_format}"
-                (root / path).parent.mkdir(parents=True, exist_ok=True)
-                save_image(sample.image, root / path)
-                rows.append([path.as_posix(), GRADE_NAMES[grade], split])
-                bar.update(1)
-            start += count
+    for split, count in counts.items():
+        for seed in range(start, start + count):
+            grade = cycle[seed % len(cycle)]
+            path = Path(split) / GRADE_NAMES[grade] / f"{seed:06d}.{task.image_format}"
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            rows.append([path.as_posix(), GRADE_NAMES[grade], split])
+            jobs.append((seed, grade, size, task, root / path))
+        start += count
+    workers = min(len(jobs), os.cpu_count() or 1)
+    bar = progress_bar(total=len(jobs), enabled=progress, desc="synthesise", unit="img")
+    # each image depends on its seed alone, so drawing them on every core gives the same files
+    with bar, ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+        for _ in pool.map(_write_one, jobs, chunksize=8):
+            bar.update(1)
     with (root / "labels.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label", "split"], *rows])
     return root
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # one process per core
+
+
+def _write_one(job: tuple[int, int, int, SynthTask, Path]) -> None:
+    seed, grade, size, task, path = job
+    save_image(synthesize(seed, grade, size, task.lesion_scale, task.lesion_count).image, path)
 
 
 def save_image(image: Tensor, path: Path) -> None:
