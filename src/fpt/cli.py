@@ -58,10 +58,11 @@ DEFAULT_CACHE = "fpt-cache"  # the command line caches by default; the API only 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.traceback or os.environ.get("FPT_DEBUG", "") not in ("", "0")
     try:
         return args.handler(args)
     except FPTError as error:
-        if args.traceback or os.environ.get("FPT_DEBUG", "") not in ("", "0"):
+        if debug:
             raise
         print(f"fpt: error: {error}", file=sys.stderr)
         return 1
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fpt: interrupted; everything finished so far is kept (rerun to continue)", file=sys.stderr)
         return 130
     except OSError as error:  # the filesystem refused a write or read fpt did not foresee: one line, naming the file
-        if args.traceback or os.environ.get("FPT_DEBUG", "") not in ("", "0"):
+        if debug:
             raise
         advice = {
             errno.ENOSPC: "free space and rerun (finished work is kept)",
