@@ -53,3 +53,16 @@ python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks 
     --variant "v2-trunc-normal=--side-attention-init trunc_normal" --variant "v2="
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks demo,multigrade-small --seeds 0,1,2 \
     --variant "v2=" --test
+# multigrade-imbalanced-768 (FPT+ at its defaults; the probe over its lr grid), and binary-large with one shared
+# LPM pass for both caches (`--shared-preload`)
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks multigrade-imbalanced-768 --seeds 0,1,2 \
+    --variant "v2=" --test
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear --tasks multigrade-imbalanced-768,binary-large \
+    --seeds 0,1,2 --variant "lr1e-3=--lr 1e-3" --variant "lr1e-2=--lr 1e-2" --variant "lr1e-1=--lr 1e-1" \
+    --variant "lr1=--lr 1" --test --best-of-variants
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+,linear --tasks binary-large --seeds 0 \
+    --variant "v2=" --shared-preload --test
+
+# 6. Issue 11: what the cache's content hashes and record checksums cost (on against off, interleaved)
+fpt synth "$OUT/vc120" --train 80 --val 20 --test 20
+python benchmarks/verification_cost.py "$OUT/vc120" --repeats 3 --epochs 3 | tee "$OUT/verification_cost.md"
