@@ -17,9 +17,12 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+import fpt.data.loaders
 import fpt.train
 from fpt.cache import CacheWriter, FeatureCache
 from fpt.config import METHOD_CONFIGS, BackboneSpec, FullFineTuningConfig, TrainingConfig
+from fpt.data.datasets import Sample
+from fpt.data.images import load_image, rgb8_to_tensor
 from fpt.data.loaders import SampleViews, collate
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
@@ -594,3 +597,43 @@ def test_min_steps_raises_the_epochs_of_a_small_training_set(
     assert training.scheduled_epochs(100) == 1  # a large set keeps its epochs
     with pytest.raises(FPTError, match="min_steps must not be negative"):
         fast_training(None, min_steps=-1)
+
+
+def test_images_decoded_once_into_memory_give_the_same_run_as_decoding_every_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    decoded_files: list[str] = []
+    load = fpt.data.loaders.load_image
+
+    def counted(path: Path) -> object:
+        decoded_files.append(str(path))
+        return load(path)
+
+    monkeypatch.setattr(fpt.data.loaders, "load_image", counted)
+    config = tiny_config(tiny_lpm_dir)
+    every_epoch = fast_training(tmp_path / "cache", epochs=3, num_workers=0, decoded_images_mib=0)
+    train(image_data, tmp_path / "every_epoch", config, every_epoch, progress=False)
+    assert len(decoded_files) > 3 * NUM_IMAGES // 2  # the training images, once per epoch, and more
+    decoded_files.clear()
+    train(image_data, tmp_path / "in_memory", config, replace(every_epoch, decoded_images_mib=64), progress=False)
+    assert decoded_files == []  # every view came from the pixels decoded once
+    assert_same_run(tmp_path / "in_memory", tmp_path / "every_epoch")
+
+    # the same with a DataLoader worker process, which reads the pixels from shared memory
+    in_worker = replace(every_epoch, num_workers=1)
+    train(image_data, tmp_path / "every_epoch_w", config, in_worker, progress=False)
+    train(image_data, tmp_path / "in_memory_w", config, replace(in_worker, decoded_images_mib=64), progress=False)
+    assert_same_run(tmp_path / "in_memory_w", tmp_path / "every_epoch_w")
+
+
+def test_decode_in_memory_holds_8_bit_images_within_its_budget_only(tmp_path: Path, image_data: Path) -> None:
+    samples = [Sample(path.relative_to(image_data).as_posix(), 0) for path in sorted(image_data.rglob("*.png"))]
+    decoded = fpt.data.loaders.decode_in_memory(image_data, samples, budget_bytes=2**20)
+    assert decoded is not None and sorted(decoded) == sorted(s.path for s in samples)
+    first = samples[0].path
+    assert torch.equal(rgb8_to_tensor(decoded[first].numpy()), load_image(image_data / first))
+    pixels = 48 * 56 * 3 * len(samples)
+    assert fpt.data.loaders.decode_in_memory(image_data, samples, budget_bytes=pixels - 1) is None
+    assert fpt.data.loaders.decode_in_memory(image_data, samples, budget_bytes=pixels) is not None
+    Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16)).save(tmp_path / "wide.png")
+    assert fpt.data.loaders.decode_in_memory(tmp_path, [Sample("wide.png", 0)], budget_bytes=2**20) is None

@@ -537,6 +537,13 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"share of train made into test if absent (default: {default('test_fraction')})",
     )
     group.add_argument(
+        "--decoded-images-mib",
+        type=int,
+        metavar="MIB",
+        help="decode a split's images once into memory if their pixels fit in MIB (0: decode in every epoch; "
+        f"results are the same either way) (default: {default('decoded_images_mib')})",
+    )
+    group.add_argument(
         "--images-outside-root",
         action="store_true",
         help="let a CSV list images outside its own folder (refused by default)",
@@ -644,6 +651,7 @@ TRAINING_OPTIONS = {  # TrainingConfig field: parsed option (absent from command
     "normalization": "norm",
     "val_fraction": "val_fraction",
     "test_fraction": "test_fraction",
+    "decoded_images_mib": "decoded_images_mib",
 }
 AUGMENTATION_OPTIONS = ("crop_scale", "crop_ratio", "hflip", "brightness", "contrast")
 

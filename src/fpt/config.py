@@ -472,6 +472,8 @@ class TrainingConfig:
         val_fraction, test_fraction: shares moved out of train when a split is missing.
         images_outside_root: let a CSV list images outside its own folder (refused by default: such a path is
             easily a mistake, and an image reached by two spellings could sit in two splits).
+        decoded_images_mib: decode a split's images once into memory when their pixels take at most this many
+            MiB (8-bit images; 0: decode them in every epoch). The views and so the results are the same.
     """
 
     epochs: int = 20
@@ -498,6 +500,7 @@ class TrainingConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     images_outside_root: bool = False
+    decoded_images_mib: int = 2048
 
     def __post_init__(self) -> None:
         if isinstance(self.augmentation, dict):
@@ -526,6 +529,8 @@ class TrainingConfig:
             raise FPTError(f"the fusion learning-rate scale must be positive, got {self.fusion_lr_scale}")
         if not 0 <= self.label_smoothing < 1:
             raise FPTError("label smoothing must be in [0, 1)")
+        if self.decoded_images_mib < 0:
+            raise FPTError(f"decoded_images_mib must not be negative, got {self.decoded_images_mib}")
         if self.num_workers is not None and self.num_workers < 0:
             raise FPTError("--workers must not be negative")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from fpt.cache import FeatureCache
 from fpt.config import MethodConfig, TrainingConfig, config_from_dict
 from fpt.data.datasets import ImageDataset
-from fpt.data.loaders import SampleViews, collate, worker_count
+from fpt.data.loaders import SampleViews, collate, decode_in_memory, worker_count
 from fpt.data.transforms import Normalization, lpm_view, side_view
 from fpt.errors import FPTError
 from fpt.models.base import WEIGHTS_NAME, TransferModel
@@ -152,14 +152,18 @@ class Run:
         """Batches of ``split``; with a ``generator`` shuffled by it and augmented (for training), else plain.
 
         The side view is augmented for training; the LPM view only for the methods that train through the
-        LPM (the baselines), never for those whose LPM features are cacheable.
+        LPM (the baselines), never for those whose LPM features are cacheable. The split's images are decoded
+        once into memory when they fit ``training.decoded_images_mib``.
         """
         config, training = self.model_config, self.training
         augmentation = training.augmentation if generator is not None else None
         lpm_augmentation = None if config.cacheable else augmentation
+        samples = self.dataset.splits[split]
+        reads_images = config.side_network or (cache is None and config.uses_lpm)
+        budget = training.decoded_images_mib * 2**20
         views = SampleViews(
             self.dataset.root,
-            self.dataset.splits[split],
+            samples,
             side_view=side_view(config.side_input_size, self.normalization, augmentation)
             if config.side_network
             else None,
@@ -167,6 +171,7 @@ class Run:
             if cache is None and config.uses_lpm
             else None,
             cache=cache,
+            decoded=decode_in_memory(self.dataset.root, samples, budget) if reads_images and budget else None,
         )
         return DataLoader(
             views,

@@ -30,6 +30,9 @@ def load_image(path: str | Path) -> Tensor:
     try:
         with Image.open(path) as image:
             image.load()
+            pixels = _rgb8(image)
+            if pixels is not None:
+                return rgb8_to_tensor(pixels)
             array = _to_rgb_array(image)
     except FileNotFoundError:
         raise FPTError(f"image not found: {path}") from None
@@ -40,6 +43,24 @@ def load_image(path: str | Path) -> Tensor:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise FPTError(f"cannot decode image {path} ({error}); replace it with a readable copy") from None
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def rgb8_to_tensor(pixels: np.ndarray) -> Tensor:
+    """8-bit RGB pixels [H, W, 3] -> the float tensor [3, H, W] in [0, 1] that ``load_image`` returns for them."""
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)
+
+
+def decode_rgb8(path: str | Path) -> np.ndarray | None:
+    """The 8-bit RGB pixels [H, W, 3] of an image ``load_image`` would read as 8-bit, else None (16-bit and
+    floating-point images are scaled by their own range instead). Raises as ``load_image`` does."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _rgb8(image)
+    except Image.DecompressionBombError:
+        raise FPTError(f"image {path} {BOMB}; downscale it or replace it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise FPTError(f"cannot decode image {path} ({error}); replace it with a readable copy") from None
 
 
 def unreadable_images(root: Path, keys: list[str]) -> dict[str, str]:
@@ -63,15 +84,23 @@ def unreadable_images(root: Path, keys: list[str]) -> dict[str, str]:
     return {key: reason for key, reason in found.items() if reason is not None}
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """[H, W, 3] float32 in [0, 1]."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        gray = np.asarray(image, dtype=np.float32)
-        low, high = float(gray.min()), float(gray.max())
-        gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # scaled by their own range, not by 255
+
+
+def _rgb8(image: Image.Image) -> np.ndarray | None:
+    """[H, W, 3] uint8 of an 8-bit image (palette, gray, RGBA and CMYK converted to RGB); None for a wide mode."""
+    if image.mode in WIDE_MODES:
+        return None
     if image.mode == "P":  # via RGBA, so palettes with transparency convert without a warning
         image = image.convert("RGBA")
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image, dtype=np.float32) / 255.0
+    return np.array(image)  # writable, so it can back a tensor
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] float32 in [0, 1] of a wide-mode image, scaled by its own minimum and maximum."""
+    gray = np.asarray(image, dtype=np.float32)
+    low, high = float(gray.min()), float(gray.max())
+    gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+    return np.repeat(gray[:, :, None], 3, axis=2)

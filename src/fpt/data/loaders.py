@@ -8,18 +8,20 @@ reads it.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torchvision.transforms.v2 as T
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fpt.data.datasets import Sample
-from fpt.data.images import load_image
+from fpt.data.images import decode_rgb8, load_image, rgb8_to_tensor
 from fpt.data.transforms import ImageTransform, Normalization
 from fpt.errors import FPTError
 from fpt.runtime import progress_bar
@@ -116,12 +118,14 @@ class SampleViews(Dataset):
         side_view: ImageTransform | None = None,
         lpm_view: ImageTransform | None = None,
         cache: FeatureSource | None = None,
+        decoded: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.root = Path(root)
         self.samples = list(samples)
         self.side_view = side_view
         self.lpm_view = lpm_view
         self.cache = cache
+        self.decoded = decoded or {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -131,7 +135,8 @@ class SampleViews(Dataset):
         item: dict[str, Tensor | int | str] = {"index": index, "label": sample.label}
         try:
             if self.side_view is not None or self.lpm_view is not None:
-                image = load_image(self.root / sample.path)
+                pixels = self.decoded.get(sample.path)
+                image = load_image(self.root / sample.path) if pixels is None else rgb8_to_tensor(pixels.numpy())
                 if self.side_view is not None:
                     item["side"] = self.side_view(image)
                 if self.lpm_view is not None:
@@ -141,6 +146,30 @@ class SampleViews(Dataset):
         except FPTError as error:
             return {"index": index, "error": str(error)}
         return item
+
+
+def decode_in_memory(root: Path, samples: Sequence[Sample], budget_bytes: int) -> dict[str, Tensor] | None:
+    """Every image of ``samples`` decoded once, on threads, into shared memory (8-bit RGB [H, W, 3] uint8), for
+    the DataLoader workers of every epoch to read instead of decoding the files again; the views made from them
+    are the same. None when they would take more than ``budget_bytes``, or one is not an 8-bit image or cannot
+    be read (each is then decoded in every epoch, and a bad file reported there as without this)."""
+
+    def pixel_bytes(sample: Sample) -> int:
+        with Image.open(root / sample.path) as image:  # the header only
+            return image.width * image.height * 3
+
+    def decode(sample: Sample) -> Tensor | None:
+        pixels = decode_rgb8(root / sample.path)
+        return None if pixels is None else torch.from_numpy(pixels).share_memory_()
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+            if not samples or sum(pool.map(pixel_bytes, samples)) > budget_bytes:
+                return None
+            decoded = dict(zip((sample.path for sample in samples), pool.map(decode, samples), strict=True))
+    except (FPTError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return None if any(pixels is None for pixels in decoded.values()) else decoded
 
 
 def dataset_normalization(paths: Sequence[str], size: int = 224, num_workers: int = 0) -> Normalization:
