@@ -231,7 +231,8 @@ class FeatureCache:
                 except FPTError:
                     corrupt.append(key)
             if corrupt:
-                kept = {key: entry for key, entry in self.entries.items() if key not in corrupt}
+                dropped = set(corrupt)
+                kept = {key: entry for key, entry in self.entries.items() if key not in dropped}
                 _rewrite_index(self.directory / INDEX_NAME, kept)
                 self.entries = kept
         return corrupt
@@ -351,9 +352,12 @@ def disk_full_error(directory: Path, cached: int) -> FPTError:
 
 def content_digest(path: Path) -> str:
     """SHA-256 (hex) of a file's bytes: what a cache entry is tied to."""
+    digest = hashlib.sha256()
     try:
         with path.open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+            while chunk := handle.read(2**20):
+                digest.update(chunk)
+        return digest.hexdigest()
     except FileNotFoundError:
         raise FPTError(f"image not found: {path}") from None
     except OSError as error:
