@@ -250,11 +250,11 @@ def _preload_shared(
 ) -> None:
     """Fill the caches of the cached methods that still have runs to train from one LPM pass (each run would
     otherwise preload its own)."""
+    caches = {method: _method_cache(training.cache_dir, method) for method in plan}
     pending = [
-        (config, replace(training, cache_dir=_method_cache(training.cache_dir, method)))
+        (config, replace(training, cache_dir=caches[method]))
         for method, (config, runs) in plan.items()
-        if _method_cache(training.cache_dir, method) is not None
-        and any(not (run_dir / RESULTS_FILE).is_file() for _, run_dir in runs)
+        if caches[method] is not None and any(not (run_dir / RESULTS_FILE).is_file() for _, run_dir in runs)
     ]
     if len(pending) < 2:
         return

@@ -27,22 +27,10 @@ def load_image(path: str | Path) -> Tensor:
     Grayscale, palette, RGBA and CMYK images become RGB; 16-bit and floating-point images are scaled by
     their own minimum and maximum (their real range), not clipped to 8 bits.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            pixels = _rgb8(image)
-            if pixels is not None:
-                return rgb8_to_tensor(pixels)
-            array = _to_rgb_array(image)
-    except FileNotFoundError:
-        raise FPTError(f"image not found: {path}") from None
-    except PermissionError:
-        raise FPTError(f"cannot read image {path}: permission denied; fix its permissions") from None
-    except Image.DecompressionBombError:
-        raise FPTError(f"image {path} {BOMB}; downscale it or replace it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise FPTError(f"cannot decode image {path} ({error}); replace it with a readable copy") from None
-    return torch.from_numpy(array).permute(2, 0, 1)
+    pixels = _decode(path)
+    if pixels.dtype == np.uint8:
+        return rgb8_to_tensor(pixels)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def rgb8_to_tensor(pixels: np.ndarray) -> Tensor:
@@ -53,10 +41,21 @@ def rgb8_to_tensor(pixels: np.ndarray) -> Tensor:
 def decode_rgb8(path: str | Path) -> np.ndarray | None:
     """The 8-bit RGB pixels [H, W, 3] of an image ``load_image`` would read as 8-bit, else None (16-bit and
     floating-point images are scaled by their own range instead). Raises as ``load_image`` does."""
+    pixels = _decode(path)
+    return pixels if pixels.dtype == np.uint8 else None
+
+
+def _decode(path: str | Path) -> np.ndarray:
+    """[H, W, 3]: uint8 for an 8-bit image, float32 in [0, 1] for a wide-mode one; a one-line error otherwise."""
     try:
         with Image.open(path) as image:
             image.load()
-            return _rgb8(image)
+            pixels = _rgb8(image)
+            return pixels if pixels is not None else _to_rgb_array(image)
+    except FileNotFoundError:
+        raise FPTError(f"image not found: {path}") from None
+    except PermissionError:
+        raise FPTError(f"cannot read image {path}: permission denied; fix its permissions") from None
     except Image.DecompressionBombError:
         raise FPTError(f"image {path} {BOMB}; downscale it or replace it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:

@@ -33,6 +33,12 @@ def embedding_dim(geometry: LPMGeometry, pooling: Pooling) -> int:
     return geometry.embed_dim * (2 if pooling == "cls+mean" else 1)
 
 
+def check_pooling(lpm: VisionTransformer, pooling: Pooling) -> None:
+    """Raise unless the LPM has the tokens ``pooling`` reads."""
+    if "cls" in pooling and not lpm.has_class_token:
+        raise FPTError(f"pooling '{pooling}' needs a backbone with a CLS token; use --pooling mean")
+
+
 class PooledEncoder(nn.Module):
     """A frozen timm ViT that returns one embedding per image from its final normalised tokens.
 
@@ -43,8 +49,7 @@ class PooledEncoder(nn.Module):
 
     def __init__(self, model: VisionTransformer, pooling: Pooling) -> None:
         super().__init__()
-        if "cls" in pooling and not model.has_class_token:
-            raise FPTError(f"pooling '{pooling}' needs a backbone with a CLS token; use --pooling mean")
+        check_pooling(model, pooling)
         self.model = model.requires_grad_(False)
         self.pooling = pooling
         self.train(False)
@@ -123,8 +128,7 @@ class LinearProbeModel(TransferModel):
 
     @contextmanager
     def recording_features(self, lpm: nn.Module) -> Iterator[Callable[[], dict[str, Tensor]]]:
-        if "cls" in self.config.pooling and not lpm.has_class_token:
-            raise FPTError(f"pooling '{self.config.pooling}' needs a backbone with a CLS token; use --pooling mean")
+        check_pooling(lpm, self.config.pooling)
         latest: list[Tensor] = []
 
         def record(norm: nn.Module, inputs: tuple[Tensor], tokens: Tensor) -> None:
