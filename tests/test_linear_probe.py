@@ -22,7 +22,7 @@ from fpt.errors import FPTError
 from fpt.evaluate import evaluate_run
 from fpt.models.backbone import load_backbone
 from fpt.models.build import load_model
-from fpt.models.linear_probe import LinearProbeModel
+from fpt.models.linear_probe import EmbeddingStandardizer, LinearProbeModel
 from fpt.predict import predict_images
 from fpt.run import Run
 from fpt.task import prepare
@@ -94,16 +94,26 @@ def test_a_cached_probe_trains_only_its_head_and_predicts_like_its_test_results(
     training = fast_training(tmp_path / "cache", cache_dtype="float32")
     results = train(image_data, tmp_path / "run", probe_config(tiny_lpm_dir), training, progress=False)
 
-    assert len(FeatureCache.open(tmp_path / "cache")) == NUM_IMAGES
+    cache = FeatureCache.open(tmp_path / "cache")
+    assert len(cache) == NUM_IMAGES
     weights = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
     assert {name: tuple(t.shape) for name, t in weights.items()} == {
         "head.weight": (len(CLASSES), 2 * WIDTH),
         "head.bias": (len(CLASSES),),
+        "norm.count": (),
+        "norm.mean": (2 * WIDTH,),
+        "norm.sum_squares": (2 * WIDTH,),
     }
+    # the standardisation's statistics are the training embeddings', each seen once per epoch
+    run = Run.load(tmp_path / "run")
+    embeddings = torch.stack([cache.get(sample.path)["embedding"] for sample in run.dataset.splits["train"]])
+    assert weights["norm.count"].item() == training.epochs * len(embeddings)
+    torch.testing.assert_close(weights["norm.mean"], embeddings.mean(dim=0), atol=1e-5, rtol=1e-5)
+    variance = weights["norm.sum_squares"] / weights["norm.count"]
+    torch.testing.assert_close(variance, embeddings.var(dim=0, unbiased=False), atol=1e-5, rtol=1e-4)
     assert evaluate_run(tmp_path / "run", checkpoint="last", device="cpu") == results.last
 
     # predict runs the LPM on the fly; from a float32 cache the probabilities agree with the test predictions
-    run = Run.load(tmp_path / "run")
     test = run.dataset.splits["test"]
     images = [run.dataset.root / sample.path for sample in test]
     predicted = predict_images(tmp_path / "run", images, "last", "cpu", progress=False)
@@ -137,6 +147,7 @@ def test_a_linear_probe_saved_by_fpt_0_1_0_loads_as_a_cls_probe(tmp_path: Path, 
     model = load_model(directory)
 
     assert isinstance(model, LinearProbeModel) and model.config.pooling == "cls"
+    assert model.config.feature_norm == "none"  # it was trained on the raw embedding
     images = torch.randn(2, 3, LPM_INPUT_SIZE, LPM_INPUT_SIZE)
     lpm = load_backbone(BackboneSpec(str(tiny_lpm_dir))).eval()
     with torch.no_grad():
@@ -144,6 +155,29 @@ def test_a_linear_probe_saved_by_fpt_0_1_0_loads_as_a_cls_probe(tmp_path: Path, 
         got = model.eval().logits(Batch(label=torch.zeros(2, dtype=torch.long), index=torch.arange(2), lpm=images))
     torch.testing.assert_close(got, expected)
     assert config_from_dict({**old_config, "pooling": "mean"}).pooling == "mean"  # a written field is kept
+
+
+def test_the_standardizer_gives_the_statistics_of_everything_it_saw_and_takes_batches_of_one() -> None:
+    embeddings = torch.randn(37, 5) * torch.tensor([1.0, 10.0, 0.1, 3.0, 100.0]) + 7.0
+    standardizer = EmbeddingStandardizer(5).train()
+    for batch in (embeddings[:1], embeddings[1:17], embeddings[17:]):
+        standardizer(batch)
+
+    standardized = standardizer.eval()(embeddings)
+    torch.testing.assert_close(standardized.mean(dim=0), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standardized.std(dim=0, unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
+    assert standardizer(embeddings[:3]).equal(standardized[:3])  # eval mode reads the statistics, never adds to them
+
+
+def test_a_raw_probe_saves_only_its_head(tmp_path: Path, image_data: Path, tiny_lpm_dir: Path) -> None:
+    training = fast_training(tmp_path / "cache", epochs=1)
+    train(image_data, tmp_path / "run", probe_config(tiny_lpm_dir, feature_norm="none"), training, progress=False)
+
+    weights = load_file(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors")
+    assert sorted(weights) == ["head.bias", "head.weight"]
+    assert read_json(tmp_path / "run" / "run.json")["model"]["feature_norm"] == "none"
+    with pytest.raises(FPTError, match="feature_norm must be one of"):
+        probe_config(tiny_lpm_dir, feature_norm="batchnorm")
 
 
 def test_cli_info_counts_the_probe_and_its_cached_bytes(capsys: pytest.CaptureFixture[str], tiny_lpm_dir: Path) -> None:
@@ -167,5 +201,11 @@ def test_cli_preload_and_train_the_probe(
     assert main(["train", str(image_data), "--run", str(tmp_path / "run"), "--epochs", "1", *common]) == 0
 
     run = read_json(tmp_path / "run" / "run.json")
-    assert run["model"]["pooling"] == "cls+mean"
+    assert run["model"]["pooling"] == "cls+mean" and run["model"]["feature_norm"] == "standardize"
     assert run["cache_fingerprint"] == FeatureCache.open(tmp_path / "cache").fingerprint
+
+    # the raw probe reads the same cache: standardising is the probe's, not the cache's
+    args = ["train", str(image_data), "--run", str(tmp_path / "raw"), "--epochs", "1", "--feature-norm", "none"]
+    assert main([*args, *common]) == 0
+    raw = read_json(tmp_path / "raw" / "run.json")
+    assert raw["model"]["feature_norm"] == "none" and raw["cache_fingerprint"] == run["cache_fingerprint"]

@@ -17,6 +17,7 @@ from fpt.config import (
     ATTENTION_INITS,
     CACHE_DTYPE_NAMES,
     DEMO_BACKBONE,
+    FEATURE_NORMS,
     IMAGE_FORMATS,
     IMPORTANCE_RULES,
     METERS,
@@ -417,6 +418,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: b
         help=f"linear: the embedding the probe reads (preset: {preset(LinearProbeConfig, 'pooling')})",
     )
     group.add_argument(
+        "--feature-norm",
+        choices=FEATURE_NORMS,
+        help="linear: standardize each embedding dimension with the training embeddings' mean and variance, or "
+        f"none (preset: {preset(LinearProbeConfig, 'feature_norm')})",
+    )
+    group.add_argument(
         "--lora-rank",
         type=int,
         metavar="R",
@@ -485,6 +492,7 @@ MODEL_OPTIONS = {  # config field: command-line option
     "importance": "--importance",
     "prompt_dropout": "--prompt-dropout",
     "pooling": "--pooling",
+    "feature_norm": "--feature-norm",
     "rank": "--lora-rank",
     "alpha": "--lora-alpha",
     "bottleneck_dim": "--adapter-dim",

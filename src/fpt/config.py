@@ -22,6 +22,8 @@ Importance = Literal["global", "cls"]
 IMPORTANCE_RULES: tuple[str, ...] = ("global", "cls")
 Pooling = Literal["cls", "mean", "cls+mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "cls+mean")
+FeatureNorm = Literal["standardize", "none"]
+FEATURE_NORMS: tuple[str, ...] = ("standardize", "none")
 Precision = Literal["fp32", "bf16", "fp16"]
 AttentionInit = Literal["xavier", "trunc_normal"]
 ATTENTION_INITS: tuple[str, ...] = ("xavier", "trunc_normal")
@@ -255,20 +257,27 @@ class LinearProbeConfig(MethodConfig):
     Attributes:
         pooling: the embedding, from the LPM's final (normalised) tokens: "cls" (the CLS token), "mean" (the
             mean of the patch tokens) or "cls+mean" (both, concatenated: twice the LPM's width).
+        feature_norm: "standardize" (each embedding dimension to zero mean and unit variance over the training
+            embeddings, as a logistic regression on standardised features; the statistics are kept with the
+            weights) or "none" (the raw embedding).
     """
 
     method: ClassVar[str] = "linear"
     cacheable: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-1  # the best on validation in 8 of 9 panel runs (BENCHMARKS.md)
-    # fpt 0.1.0 trained the LPM's own head on its CLS token and wrote no pooling field
-    legacy_defaults: ClassVar[dict[str, Any]] = {"pooling": "cls"}
+    # fpt 0.1.0 trained the LPM's own head on its CLS token and wrote no pooling field; older configs have no
+    # feature_norm field and were trained on the raw embedding
+    legacy_defaults: ClassVar[dict[str, Any]] = {"pooling": "cls", "feature_norm": "none"}
 
     pooling: Pooling = "cls+mean"
+    feature_norm: FeatureNorm = "standardize"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pooling not in POOLINGS:
             raise FPTError(f"pooling must be one of {POOLINGS}, got '{self.pooling}'")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise FPTError(f"feature_norm must be one of {FEATURE_NORMS}, got '{self.feature_norm}'")
 
 
 @dataclass

@@ -74,8 +74,47 @@ def pool_tokens(tokens: Tensor, pooling: Pooling, num_prefix_tokens: int) -> Ten
     return torch.cat(pooled, dim=-1)
 
 
+class EmbeddingStandardizer(nn.Module):
+    """Standardises each embedding dimension with the mean and variance of every embedding seen in training.
+
+    In training mode each batch first joins the statistics (an exact running mean and variance, merged batch by
+    batch, so after one epoch they are the training set's), then is standardised with them; in eval mode the
+    statistics are only read. They are buffers, saved with the trained weights.
+
+    Args:
+        dim: the embedding width D.
+        eps: added to the variance.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("sum_squares", torch.zeros(dim))  # of the deviations from the mean
+
+    @torch.no_grad()
+    def _update(self, embeddings: Tensor) -> None:
+        batch = embeddings.float()
+        count = float(len(batch))
+        batch_mean = batch.mean(dim=0)
+        delta = batch_mean - self.mean
+        total = self.count + count
+        self.sum_squares += (batch - batch_mean).square().sum(dim=0) + delta.square() * self.count * count / total
+        self.mean += delta * count / total
+        self.count.copy_(total)
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """embeddings [B, D] -> standardised embeddings [B, D] (same dtype)."""
+        if self.training:
+            self._update(embeddings)
+        variance = self.sum_squares / self.count.clamp(min=1.0)
+        scale = (variance + self.eps).rsqrt().to(embeddings.dtype)
+        return (embeddings - self.mean.to(embeddings.dtype)) * scale
+
+
 class LinearProbeModel(TransferModel):
-    """A linear head on pooled LPM embeddings; only ``head`` is trained.
+    """A linear head on pooled LPM embeddings, standardised first (``feature_norm``); only ``head`` is trained.
 
     Args:
         config: its config.
@@ -89,7 +128,9 @@ class LinearProbeModel(TransferModel):
         self.config = config
         self.geometry = geometry
         self.encoder = encoder
-        self.head = nn.Linear(embedding_dim(geometry, config.pooling), config.num_classes)
+        dim = embedding_dim(geometry, config.pooling)
+        self.norm = EmbeddingStandardizer(dim) if config.feature_norm == "standardize" else nn.Identity()
+        self.head = nn.Linear(dim, config.num_classes)
         nn.init.zeros_(self.head.weight)  # logistic regression from zero: every class equally likely at first
         nn.init.zeros_(self.head.bias)
 
@@ -106,7 +147,7 @@ class LinearProbeModel(TransferModel):
 
     def forward(self, embeddings: Tensor) -> Tensor:
         """embeddings [B, D] (in the cache dtype, or the LPM's) -> logits [B, num_classes]."""
-        return self.head(embeddings.to(self.head.weight.dtype))
+        return self.head(self.norm(embeddings.to(self.head.weight.dtype)))
 
     def logits(self, batch: Batch) -> Tensor:
         """From the preloaded embeddings when the batch has them, else by running the LPM on its ``lpm`` view."""
@@ -139,6 +180,11 @@ class LinearProbeModel(TransferModel):
             yield lambda: {"embedding": latest[0]}
         finally:
             hook.remove()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The head's parameters and the standardisation's statistics (learned from the training data too)."""
+        statistics = {f"norm.{name}": buffer.detach() for name, buffer in self.norm.named_buffers()}
+        return {**super().trainable_state_dict(), **statistics}
 
     def frozen_lpm(self) -> nn.Module:
         return self._encoder().model
