@@ -19,7 +19,16 @@ import pytest
 import torch
 
 import fpt.cache
-from fpt.cache import CACHE_DTYPES, CacheWriter, FeatureCache, content_digest
+from fpt.cache import (
+    CACHE_DTYPES,
+    FRAGMENT_GLOB,
+    INDEX_NAME,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    CacheWriter,
+    FeatureCache,
+    content_digest,
+)
 from fpt.config import BackboneSpec, LinearProbeConfig
 from fpt.data.datasets import ImageDataset
 from fpt.data.transforms import Normalization
@@ -218,6 +227,39 @@ def test_open_with_another_fingerprint_is_refused(tmp_path: Path, setup: Setup) 
 
     with pytest.raises(FPTError, match=r"token_ratio: cache has 0\.3, this run needs 0\.9"):
         FeatureCache.open(tmp_path / "cache", fingerprint)
+
+
+def test_index_fragments_an_interrupted_distributed_preload_left_are_merged_by_the_next_preload(
+    tmp_path: Path, setup: Setup
+) -> None:
+    run_preload(setup, tmp_path / "cache")
+    index = tmp_path / "cache" / INDEX_NAME
+    lines = index.read_bytes().splitlines(keepends=True)
+    half = len(lines) // 2
+    index.write_bytes(b"".join(lines[:half]))  # as if rank 1 had indexed the rest in its fragment, then died
+    (tmp_path / "cache" / "index-r1.jsonl").write_bytes(b"".join(lines[half:]) + b'{"key": "unfinished')
+    assert len(FeatureCache.open(tmp_path / "cache")) == half  # readers see only what is merged
+
+    summary = run_preload(setup, tmp_path / "cache")
+
+    assert (summary.computed, summary.reused) == (0, NUM_IMAGES)
+    assert not list((tmp_path / "cache").glob(FRAGMENT_GLOB))
+    assert_cache_complete_and_correct(tmp_path / "cache", setup)
+
+
+def test_overwrite_removes_index_fragments_and_rank_shards(tmp_path: Path, setup: Setup) -> None:
+    run_preload(setup, tmp_path / "cache")
+    (tmp_path / "cache" / "index-r1.jsonl").write_bytes((tmp_path / "cache" / INDEX_NAME).read_bytes())
+    (tmp_path / "cache" / "shard-r1-00000.bin").write_bytes(b"\0" * 64)
+
+    summary = run_preload(setup, tmp_path / "cache", overwrite=True)
+
+    assert summary.computed == NUM_IMAGES
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir() if path.name != LOCK_NAME) == [
+        INDEX_NAME,
+        MANIFEST_NAME,
+        "shard-00000.bin",
+    ]
 
 
 def test_overwrite_rebuilds_a_cache_built_with_other_settings(

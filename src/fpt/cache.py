@@ -13,6 +13,11 @@ synced before its index line, so an interrupted run (kill -9 included) never lea
 entry; rerunning computes only what the index lacks. An entry belongs to the exact bytes of its image (a
 changed or other image under the same path is recomputed or refused, never used), and a record whose bytes no
 longer match its checksum is refused when read.
+
+A preload split across processes (torchrun) writes each rank's records to its own ``shard-rR-NNNNN.bin`` files
+and its index lines to its own fragment ``index-rR.jsonl``, with the same write order; rank 0, which holds the
+cache's lock for the whole job, merges the fragments into ``index.jsonl`` (one atomic replace) at the end, and
+any writer merges those an interrupted job left behind before it computes what is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +52,7 @@ except ImportError:  # Windows: no advisory locks; concurrent preloads into one 
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.jsonl"
 LOCK_NAME = "cache.lock"
+FRAGMENT_GLOB = "index-r*.jsonl"
 CACHE_FORMAT = 2  # 1: keys and values only, "layout": {"shape", "dtype"}; still read
 SHARD_BYTES = 2 * 2**30
 CACHE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}
@@ -175,7 +182,7 @@ class FeatureCache:
             # found without a manifest (such a leftover) cannot be trusted, so they go too
             (directory / MANIFEST_NAME).unlink(missing_ok=True)
             for path in directory.iterdir():
-                if path.name == INDEX_NAME or path.name.startswith("shard-"):
+                if path.name == INDEX_NAME or path.name.startswith("shard-") or path.match(FRAGMENT_GLOB):
                     path.unlink()
             manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "layout": layout.to_dict()}
             try:
@@ -264,12 +271,18 @@ class FeatureCache:
             for (name, shape), part in zip(self.layout.parts.items(), flat.split(sizes), strict=True)
         }
 
+    def reload(self) -> None:
+        """Read the index again (after another process wrote to it)."""
+        self.entries = _read_index(self.directory / INDEX_NAME)
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_shards": {}}
 
     @contextmanager
-    def writer(self) -> Iterator[CacheWriter]:
-        writer = CacheWriter(self)
+    def writer(self, rank: int | None = None) -> Iterator[CacheWriter]:
+        """A writer that holds the cache's lock; with ``rank``, one of a distributed preload whose rank 0 holds
+        the lock, writing that rank's own shards and index fragment."""
+        writer = CacheWriter(self, rank)
         try:
             yield writer
         finally:
@@ -277,17 +290,51 @@ class FeatureCache:
 
 
 class CacheWriter:
-    """Appends records to a fresh shard of ``cache``; each batch is synced before it is indexed."""
+    """Appends records to a fresh shard of ``cache``; each batch is synced before it is indexed.
 
-    def __init__(self, cache: FeatureCache) -> None:
+    Args:
+        cache: the cache.
+        rank: None for the writer that holds the cache's lock and writes ``index.jsonl`` (it first merges the
+            fragments an interrupted distributed preload left); a rank's number for a writer of that rank's own
+            fragment, in a distributed preload whose rank 0 holds the lock.
+    """
+
+    def __init__(self, cache: FeatureCache, rank: int | None = None) -> None:
         self.cache = cache
-        self.lock = _lock(cache.directory)
-        cache.entries = _read_index(cache.directory / INDEX_NAME)  # what writers before us added
-        _drop_partial_last_line(cache.directory / INDEX_NAME)
-        self.index: BinaryIO = open(cache.directory / INDEX_NAME, "ab")  # noqa: SIM115 (closed in close())
+        self.lock = _lock(cache.directory) if rank is None else None
+        self.prefix = "shard-" if rank is None else f"shard-r{rank}-"
+        self.index_path = cache.directory / (INDEX_NAME if rank is None else f"index-r{rank}.jsonl")
+        _drop_partial_last_line(self.index_path)
+        self.index: BinaryIO = open(self.index_path, "ab")  # noqa: SIM115 (closed in close())
+        if rank is None:
+            self.merge_fragments()  # reads what writers before us added
         self.shard: BinaryIO | None = None
         self.shard_name = ""
         self.slots = 0
+
+    def merge_fragments(self) -> int:
+        """Merge every rank's index fragment into ``index.jsonl`` (one atomic replace), then remove them; returns
+        how many entries they added. Only the writer that holds the lock merges."""
+        if self.lock is None:
+            raise FPTError("only the writer that holds the cache's lock merges index fragments")
+        directory = self.cache.directory
+        fragments = sorted(directory.glob(FRAGMENT_GLOB))
+        entries = _read_index(directory / INDEX_NAME)
+        if fragments:
+            before = len(entries)
+            for fragment in fragments:
+                entries.update(_read_index(fragment))
+            entries = _unshared(entries)
+            self.index.close()
+            _rewrite_index(directory / INDEX_NAME, entries)  # a crash before the unlinks merges them again
+            for fragment in fragments:
+                fragment.unlink()
+            self.index = open(directory / INDEX_NAME, "ab")  # noqa: SIM115 (closed in close())
+            added = len(entries) - before
+        else:
+            added = 0
+        self.cache.entries = entries
+        return added
 
     def add(self, keys: Sequence[str], parts: dict[str, Tensor], digests: Sequence[str]) -> None:
         """Store a batch: image keys, their parts ([B, *shape] each, named as in the layout) and the
@@ -330,9 +377,10 @@ class CacheWriter:
     def _next_shard(self) -> None:
         if self.shard is not None:
             self.shard.close()
-        existing = sorted(self.cache.directory.glob("shard-*.bin"))
-        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        self.shard_name = f"shard-{number:05d}.bin"
+        pattern = re.compile(re.escape(self.prefix) + r"(\d+)\.bin")
+        names = (pattern.fullmatch(path.name) for path in self.cache.directory.glob(f"{self.prefix}*.bin"))
+        numbers = [int(match.group(1)) for match in names if match]
+        self.shard_name = f"{self.prefix}{max(numbers, default=-1) + 1:05d}.bin"
         self.shard = open(self.cache.directory / self.shard_name, "xb")  # noqa: SIM115 (closed in close())
         self.slots = 0
 
@@ -340,7 +388,8 @@ class CacheWriter:
         if self.shard is not None:
             self.shard.close()
         self.index.close()
-        self.lock.close()  # releases the lock
+        if self.lock is not None:
+            self.lock.close()  # releases the lock
 
 
 def disk_full_error(directory: Path, cached: int) -> FPTError:
@@ -429,6 +478,11 @@ def _read_index(path: Path) -> dict[str, CacheEntry]:
                 entries[str(item["key"])] = entry
             except (ValueError, KeyError, TypeError):
                 continue
+    return _unshared(entries)
+
+
+def _unshared(entries: dict[str, CacheEntry]) -> dict[str, CacheEntry]:
+    """``entries`` without those that share a record with another (all of them are dropped)."""
     holders = Counter((entry.shard, entry.slot) for entry in entries.values())
     return {key: entry for key, entry in entries.items() if holders[(entry.shard, entry.slot)] == 1}
 

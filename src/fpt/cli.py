@@ -696,6 +696,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_preload(args: argparse.Namespace) -> int:
+    from fpt.distributed import ranks
     from fpt.preload import preload
     from fpt.render import mib
     from fpt.task import prepare
@@ -706,6 +707,8 @@ def _run_preload(args: argparse.Namespace) -> int:
     training = training_config_from_args(args)
     dataset, model, normalization = prepare(args.data, config, training)
     summary = preload(model, dataset, normalization, training, overwrite=args.overwrite)
+    if not ranks().is_main:  # under torchrun, rank 0 reports for the job
+        return 0
     print(
         f"cache {summary.cache_dir}: {summary.computed} images computed, {summary.reused} already cached, "
         f"{mib(summary.bytes_on_disk)} on disk, {summary.seconds:.1f} s"

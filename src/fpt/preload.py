@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fpt import distributed
 from fpt._version import __version__
 from fpt.cache import FeatureCache, RecordLayout, content_digests
 from fpt.config import BackboneSpec, Precision, TrainingConfig, cacheable_methods
@@ -100,6 +101,11 @@ def preload_together(
     Only the first model needs its LPM; it runs, on the first training's batch size, workers, device and
     precision, and every model records its own features from that forward (``recording_features``). All must
     read the same backbone at the same LPM input size. Each cache gets exactly what ``preload`` would write.
+
+    Under torchrun every rank calls this: the images are hashed on all ranks, the missing ones split among them
+    (each on exactly one rank), each rank writes its own shards and index fragment, and rank 0 (which holds each
+    cache's lock throughout) merges the fragments when all are done. A rerun, with any number of ranks,
+    completes the cache an interrupted job left.
     """
     driver, first = targets[0]
     for model, training in targets:
@@ -119,12 +125,14 @@ def preload_together(
             )
     start = time.perf_counter()
     lpm = driver.frozen_lpm()  # raises for a model built without its LPM
-    target = select_device(first.device)
+    ranks = distributed.ranks(first.device)
+    progress = progress and ranks.is_main  # one bar: rank 0's share
+    target = select_device(ranks.device_name(first.device))
     effective_precision = first.precision if target.type == "cuda" else "fp32"  # autocast only runs on GPUs
     digest = weights_digest(lpm)
-    caches = [
-        FeatureCache.create(
-            training.cache_dir,
+    settings = [
+        (
+            Path(training.cache_dir),
             cache_fingerprint(
                 model.config.backbone,
                 digest,
@@ -134,40 +142,67 @@ def preload_together(
                 effective_precision,
             ),
             RecordLayout(model.feature_layout(), training.cache_dtype),
-            overwrite=overwrite,
         )
         for model, training in targets
     ]
+    if ranks.is_main:  # creates (or empties, with overwrite) each cache once, before the other ranks open it
+        caches = [FeatureCache.create(path, fingerprint, layout, overwrite) for path, fingerprint, layout in settings]
+    ranks.barrier()
+    if not ranks.is_main:
+        caches = [FeatureCache.open(path, fingerprint) for path, fingerprint, _ in settings]
     samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
-    digests = content_digests(dataset.root, list(samples), progress)
+    keys = list(samples)
+    hashed = ranks.all_gather(content_digests(dataset.root, keys[ranks.rank :: ranks.world_size], progress))
+    digests = {key: digest for part in hashed for key, digest in part.items()}
     incomplete = [cache for cache in caches if cache.missing(digests)]  # a complete cache is never locked
     with ExitStack() as stack:  # each writer holds its cache's lock: a concurrent preload waits, then reuses
-        writers = {id(cache): stack.enter_context(cache.writer()) for cache in sorted(incomplete, key=_lock_order)}
-        missing_per_cache = [set(cache.missing(digests)) if id(cache) in writers else set() for cache in caches]
-        missing = [samples[key] for key in samples if any(key in keys for keys in missing_per_cache)]
-        lpm.to(target)
-        views = SampleViews(dataset.root, missing, lpm_view=lpm_view(driver.config.lpm_input_size, normalization))
-        loader = DataLoader(
-            views,
-            batch_size=first.batch_size,
-            num_workers=worker_count(first.num_workers),
-            collate_fn=collate,
-            pin_memory=target.type == "cuda",
-        )
-        bar = progress_bar(total=len(missing), unit="img", desc="preload", enabled=progress and bool(missing))
-        with bar:
-            for batch in loader:
-                images = batch.to(target).lpm
-                with autocast(target, first.precision):
-                    features = _features_of_each(targets, lpm, images)
-                paths = [missing[i].path for i in batch.index.tolist()]
-                for cache, wanted, parts in zip(caches, missing_per_cache, features, strict=True):
-                    rows = [row for row, path in enumerate(paths) if path in wanted]
-                    if rows:
-                        chosen = [paths[row] for row in rows]
-                        parts = {name: part[rows] for name, part in parts.items()}
-                        writers[id(cache)].add(chosen, parts, [digests[path] for path in chosen])
-                bar.update(len(paths))
+        # rank 0's writers hold the locks for the whole job, and first merge what an interrupted job left
+        owners = [stack.enter_context(c.writer()) for c in sorted(incomplete, key=_lock_order)] if ranks.is_main else []
+        ranks.barrier()
+        if not ranks.is_main:
+            for cache in incomplete:
+                cache.reload()
+        missing_per_cache = [set(cache.missing(digests)) if cache in incomplete else set() for cache in caches]
+        missing = [samples[key] for key in samples if any(key in wanted for wanted in missing_per_cache)]
+        share = missing[ranks.rank :: ranks.world_size]  # fixed and never padded: each image on one rank
+        with ExitStack() as fragments:
+            if ranks.is_main:
+                writers = {id(writer.cache): writer for writer in owners}
+            else:
+                writers = {id(cache): fragments.enter_context(cache.writer(ranks.rank)) for cache in incomplete}
+            lpm.to(target)
+            views = SampleViews(dataset.root, share, lpm_view=lpm_view(driver.config.lpm_input_size, normalization))
+            loader = DataLoader(
+                views,
+                batch_size=first.batch_size,
+                num_workers=worker_count(first.num_workers),
+                collate_fn=collate,
+                pin_memory=target.type == "cuda",
+            )
+            bar = progress_bar(total=len(share), unit="img", desc="preload", enabled=progress and bool(share))
+            with bar:
+                for batch in loader:
+                    images = batch.to(target).lpm
+                    with autocast(target, first.precision):
+                        features = _features_of_each(targets, lpm, images)
+                    paths = [share[i].path for i in batch.index.tolist()]
+                    for cache, wanted, parts in zip(caches, missing_per_cache, features, strict=True):
+                        rows = [row for row, path in enumerate(paths) if path in wanted]
+                        if rows:
+                            chosen = [paths[row] for row in rows]
+                            parts = {name: part[rows] for name, part in parts.items()}
+                            writers[id(cache)].add(chosen, parts, [digests[path] for path in chosen])
+                    bar.update(len(paths))
+        ranks.barrier()  # every rank's fragments are complete and closed
+        for writer in owners:
+            writer.merge_fragments()
+            unfinished = writer.cache.missing(digests)
+            if unfinished:
+                raise FPTError(
+                    f"{len(unfinished)} images are missing from {writer.cache.directory} after merging every "
+                    f"rank's records ({unfinished[0]}, ...); run the preload again to compute them"
+                )
+    ranks.barrier()  # no rank reads a cache before rank 0 has merged it
     seconds = time.perf_counter() - start
     return [
         PreloadSummary(

@@ -1,0 +1,156 @@
+"""Preloading under torchrun (2 CPU processes, gloo): the same cache as one process, resumable after kill -9 of one
+rank or of the whole job, completed by a rerun with another number of ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fpt.cache import FRAGMENT_GLOB, FeatureCache
+from fpt.cli import main
+from tests.pipeline_fixtures import NUM_IMAGES, cli_model_args
+
+pytest_plugins = ("tests.pipeline_fixtures",)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds and kills ranks through /proc"),
+]
+
+
+def preload_args(data: Path, lpm_dir: Path, cache: Path, batch_size: int = 3) -> list[str]:
+    options = ["--cache", str(cache), "--cache-dtype", "float32", "--batch-size", str(batch_size)]
+    return ["preload", str(data), *cli_model_args(lpm_dir), *options, "--workers", "0", "--device", "cpu"]
+
+
+def torchrun(nproc: int, args: list[str]) -> list[str]:
+    """``torchrun --standalone --nproc_per_node NPROC -m fpt ARGS`` (the module form of torchrun)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "fpt",
+        *args,
+    ]
+
+
+def assert_same_cache(found: Path, expected: Path) -> None:
+    """Same fingerprint, keys, content hashes and record bytes (shard names and slots may differ)."""
+    got, want = FeatureCache.open(found), FeatureCache.open(expected)
+    assert got.fingerprint == want.fingerprint
+    assert sorted(got.entries) == sorted(want.entries)
+    for key, entry in want.entries.items():
+        assert (got.entries[key].sha256, got.entries[key].crc32) == (entry.sha256, entry.crc32), key
+        for name, part in want.get(key).items():
+            assert torch.equal(got.get(key)[name], part), f"{key} {name}"
+    assert not list(found.glob(FRAGMENT_GLOB)), "rank 0 merges and removes every index fragment"
+
+
+@pytest.fixture(scope="module")
+def slow_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 large noisy JPEGs in two classes (each takes a while to decode, so a rank can be killed mid-preload)."""
+    root = tmp_path_factory.mktemp("slow_images")
+    rng = np.random.default_rng(0)
+    for split, count in {"train": 8, "val": 2, "test": 2}.items():
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, size=(1400, 1400, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"img{index:03d}.jpg", quality=95)
+    return root
+
+
+def test_two_ranks_preload_the_cache_one_process_does(tmp_path: Path, image_data: Path, tiny_lpm_dir: Path) -> None:
+    assert main(preload_args(image_data, tiny_lpm_dir, tmp_path / "single")) == 0
+
+    job = subprocess.run(
+        torchrun(2, preload_args(image_data, tiny_lpm_dir, tmp_path / "two")), capture_output=True, text=True
+    )
+
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert f"{NUM_IMAGES} images computed, 0 already cached" in job.stdout
+    assert job.stdout.count("images computed") == 1  # rank 0 reports for the job
+    assert_same_cache(tmp_path / "two", tmp_path / "single")
+    assert {path.name for path in (tmp_path / "two").glob("shard-*.bin")} == {"shard-00000.bin", "shard-r1-00000.bin"}
+
+    rerun = subprocess.run(
+        torchrun(2, preload_args(image_data, tiny_lpm_dir, tmp_path / "two")), capture_output=True, text=True
+    )
+    assert rerun.returncode == 0 and f"0 images computed, {NUM_IMAGES} already cached" in rerun.stdout
+
+
+def rank_pids(job: subprocess.Popen) -> dict[int, int]:
+    """RANK -> pid of each worker torchrun started (its children whose environment has RANK)."""
+    found = {}
+    children = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
+    for pid in children:
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for variable in environment:
+            if variable.startswith(b"RANK="):
+                found[int(variable.removeprefix(b"RANK="))] = int(pid)
+    return found
+
+
+def lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def kill_once_rank_1_has_written(job: subprocess.Popen, cache: Path, whole_job: bool) -> int:
+    """Kill -9 rank 1 (or every process of the job) as soon as rank 1 has indexed its first record; returns how
+    many records rank 1 had indexed by then."""
+    fragment = cache / "index-r1.jsonl"
+    deadline = time.monotonic() + 240
+    while lines(fragment) == 0:
+        assert job.poll() is None, "the job ended before rank 1 wrote anything"
+        assert time.monotonic() < deadline, "rank 1 wrote nothing in 4 minutes"
+        time.sleep(0.005)
+    workers = rank_pids(job)
+    for pid in [*workers.values(), job.pid] if whole_job else [workers[1]]:
+        os.kill(pid, signal.SIGKILL)
+    written = lines(fragment)
+    job.wait(timeout=120)
+    return written
+
+
+@pytest.mark.parametrize("whole_job", [False, True], ids=["rank-1-killed", "whole-job-killed"])
+def test_a_killed_preload_is_completed_by_a_rerun_with_another_number_of_ranks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], slow_images: Path, tiny_lpm_dir: Path, whole_job: bool
+) -> None:
+    assert main(preload_args(slow_images, tiny_lpm_dir, tmp_path / "single", batch_size=1)) == 0
+    cache = tmp_path / "killed"
+    job = subprocess.Popen(
+        torchrun(2, preload_args(slow_images, tiny_lpm_dir, cache, batch_size=1)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    written = kill_once_rank_1_has_written(job, cache, whole_job)
+    assert job.returncode != 0
+    assert 0 < written < 12, "rank 1 was killed with part of its 12 images done"
+
+    if whole_job:  # three ranks merge what the two left and compute the rest
+        completed = subprocess.run(
+            torchrun(3, preload_args(slow_images, tiny_lpm_dir, cache)), capture_output=True, text=True
+        )
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        report = completed.stdout
+    else:  # one process does
+        capsys.readouterr()
+        assert main(preload_args(slow_images, tiny_lpm_dir, cache)) == 0
+        report = capsys.readouterr().out
+    computed = int(report.split(" images computed")[0].split()[-1])
+    assert 0 < computed < 24, "what was indexed before the kill is not computed again"
+    assert_same_cache(cache, tmp_path / "single")
