@@ -154,3 +154,20 @@ def test_a_killed_preload_is_completed_by_a_rerun_with_another_number_of_ranks(
     computed = int(report.split(" images computed")[0].split()[-1])
     assert 0 < computed < 24, "what was indexed before the kill is not computed again"
     assert_same_cache(cache, tmp_path / "single")
+
+
+def test_training_under_torchrun_is_refused_in_one_line(tmp_path: Path, image_data: Path, tiny_lpm_dir: Path) -> None:
+    args = [
+        "train",
+        str(image_data),
+        *cli_model_args(tiny_lpm_dir),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+    ]
+    job = subprocess.run(torchrun(2, [*args, "--device", "cpu", "--workers", "0"]), capture_output=True, text=True)
+
+    assert job.returncode != 0
+    assert "fpt: error: training under torchrun is not supported yet" in job.stderr
+    assert not (tmp_path / "run" / "run.json").exists()

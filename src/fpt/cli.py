@@ -140,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted run.",
     )
     train.add_argument("data", nargs="?", metavar="DATA", help="dataset folder or CSV manifest")
-    train.add_argument("--run", metavar="DIR", help="run directory to create")
+    train.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        metavar="DIR",
+        help="run directory to create (--run-dir is the same; torchrun takes --run as its own --run-path)",
+    )
     train.add_argument("--resume", metavar="RUN", help="continue the interrupted run in RUN from its last checkpoint")
     add_model_arguments(train)
     _add_data_arguments(train)
