@@ -35,6 +35,7 @@ import torch
 from fpt.config import BackboneSpec, FPTPlusConfig, TrainingConfig
 from fpt.data.images import load_image
 from fpt.data.transforms import lpm_view
+from fpt.runtime import select_device
 from fpt.task import prepare
 
 
@@ -48,19 +49,25 @@ def images_per_second(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
 
 
-def time_forward(function, batches: list[torch.Tensor]) -> float:
-    """Seconds for ``function`` over every batch (after one warm-up batch)."""
+def time_forward(function, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Seconds for ``function`` over every batch, each moved to ``device`` first (after one warm-up batch)."""
     with torch.no_grad():
-        function(batches[0])
+        function(batches[0].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         started = time.perf_counter()
         for batch in batches:
-            function(batch)
+            function(batch.to(device, non_blocking=True))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - started
 
 
-def preload_command(data: Path, backbone: Path, cache: Path, input_size: int, batch_size: int) -> list[str]:
+def preload_command(
+    data: Path, backbone: Path, cache: Path, input_size: int, batch_size: int, device: str
+) -> list[str]:
     model = ["--backbone", str(backbone), "--method", "fpt+", "--input-size", str(input_size)]
-    return ["preload", str(data), *model, "--cache", str(cache), "--batch-size", str(batch_size)]
+    return ["preload", str(data), *model, "--cache", str(cache), "--batch-size", str(batch_size), "--device", device]
 
 
 def time_preload(processes: int, command: list[str]) -> float:
@@ -81,9 +88,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--processes", default="1,2", help="process counts for `fpt preload` (1 = no torchrun)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto: cuda if there is a GPU, else cpu")
     parser.add_argument("--out", type=Path, default=Path("preload_throughput.json"))
     args = parser.parse_args()
     counts = [int(value) for value in args.processes.split(",")]
+    device = select_device(args.device)
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -94,22 +103,28 @@ def main() -> None:
         to_lpm = lpm_view(args.input_size, normalization)
         images = torch.stack([to_lpm(load_image(path)) for path in paths])
         batches = list(images.split(args.batch_size))
+        model.to(device)
         lpm = model.frozen_lpm()
         rates: dict[str, list[float]] = {"bare forward": [], "frozen encoder (FPT+ taps)": []}
         rates |= {f"fpt preload, {n} process{'es' if n > 1 else ''}": [] for n in counts}
         for repeat in range(args.repeats):
-            rates["bare forward"].append(images_per_second(len(images), time_forward(lpm.forward_features, batches)))
-            encoder_seconds = time_forward(model.preload_features, batches)
+            rates["bare forward"].append(
+                images_per_second(len(images), time_forward(lpm.forward_features, batches, device))
+            )
+            encoder_seconds = time_forward(model.preload_features, batches, device)
             rates["frozen encoder (FPT+ taps)"].append(images_per_second(len(images), encoder_seconds))
             for n in counts:
                 cache = scratch / f"cache-{n}-{repeat}"
-                seconds = time_preload(n, preload_command(args.data, backbone, cache, args.input_size, args.batch_size))
+                seconds = time_preload(
+                    n, preload_command(args.data, backbone, cache, args.input_size, args.batch_size, args.device)
+                )
                 rates[f"fpt preload, {n} process{'es' if n > 1 else ''}"].append(
                     images_per_second(len(images), seconds)
                 )
     bound = statistics.median(rates["bare forward"])
     summary = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "arch": args.arch,
         "input_size": args.input_size,
         "batch_size": args.batch_size,
