@@ -3,6 +3,7 @@ rank or of the whole job, completed by a rerun with another number of ranks."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fpt.cache import FRAGMENT_GLOB, FeatureCache
+from fpt.cache import FRAGMENT_GLOB, LOCK_NAME, FeatureCache
 from fpt.cli import main
 from tests.pipeline_fixtures import NUM_IMAGES, cli_model_args
 
@@ -169,5 +170,22 @@ def test_training_under_torchrun_is_refused_in_one_line(tmp_path: Path, image_da
     job = subprocess.run(torchrun(2, [*args, "--device", "cpu", "--workers", "0"]), capture_output=True, text=True)
 
     assert job.returncode != 0
-    assert "fpt: error: training under torchrun is not supported yet" in job.stderr
+    assert "fpt: error: `fpt train` under torchrun is not supported yet" in job.stderr
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_a_distributed_preload_refuses_a_cache_another_process_is_writing(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    (tmp_path / "cache").mkdir()
+    with (tmp_path / "cache" / LOCK_NAME).open("ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a preload in progress holds it
+        job = subprocess.run(
+            torchrun(2, preload_args(image_data, tiny_lpm_dir, tmp_path / "cache")),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    assert job.returncode != 0
+    assert job.stderr.count("fpt: error: another preload is writing the feature cache") == 2  # each rank, no hang

@@ -163,11 +163,17 @@ class FeatureCache:
 
     @classmethod
     def create(
-        cls, directory: str | Path, fingerprint: dict[str, Any], layout: RecordLayout, overwrite: bool = False
+        cls,
+        directory: str | Path,
+        fingerprint: dict[str, Any],
+        layout: RecordLayout,
+        overwrite: bool = False,
+        wait: bool = True,
     ) -> FeatureCache:
         """Open the cache at ``directory`` for these settings, creating it if absent.
 
-        An existing cache with another fingerprint is refused unless ``overwrite``, which empties it.
+        An existing cache with another fingerprint is refused unless ``overwrite``, which empties it. Creating
+        takes the cache's lock: while another process holds it, this waits, or with ``wait=False`` raises.
         """
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
@@ -175,7 +181,7 @@ class FeatureCache:
         if (directory / MANIFEST_NAME).is_file() and not overwrite:
             return cls.open(directory, fingerprint)
         directory.mkdir(parents=True, exist_ok=True)
-        with _locked(directory):  # a preload into this cache waits until it is built
+        with _locked(directory, wait):  # a preload into this cache waits until it is built
             if (directory / MANIFEST_NAME).is_file() and not overwrite:  # another process built it meanwhile
                 return cls.open(directory, fingerprint)
             # the manifest goes first: an interrupted --overwrite leaves no cache rather than a mix, and records
@@ -271,18 +277,15 @@ class FeatureCache:
             for (name, shape), part in zip(self.layout.parts.items(), flat.split(sizes), strict=True)
         }
 
-    def reload(self) -> None:
-        """Read the index again (after another process wrote to it)."""
-        self.entries = _read_index(self.directory / INDEX_NAME)
-
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_shards": {}}
 
     @contextmanager
-    def writer(self, rank: int | None = None) -> Iterator[CacheWriter]:
-        """A writer that holds the cache's lock; with ``rank``, one of a distributed preload whose rank 0 holds
-        the lock, writing that rank's own shards and index fragment."""
-        writer = CacheWriter(self, rank)
+    def writer(self, rank: int | None = None, wait: bool = True) -> Iterator[CacheWriter]:
+        """A writer that holds the cache's lock (waiting for it, or with ``wait=False`` raising while another
+        process holds it); with ``rank``, the writer of that rank's own shards and index fragment in a
+        distributed preload, which takes no lock: that job's rank 0 holds it."""
+        writer = CacheWriter(self, rank, wait)
         try:
             yield writer
         finally:
@@ -299,11 +302,11 @@ class CacheWriter:
             fragment, in a distributed preload whose rank 0 holds the lock.
     """
 
-    def __init__(self, cache: FeatureCache, rank: int | None = None) -> None:
+    def __init__(self, cache: FeatureCache, rank: int | None = None, wait: bool = True) -> None:
         self.cache = cache
-        self.lock = _lock(cache.directory) if rank is None else None
+        self.lock = _lock(cache.directory, wait) if rank is None else None
         self.prefix = "shard-" if rank is None else f"shard-r{rank}-"
-        self.index_path = cache.directory / (INDEX_NAME if rank is None else f"index-r{rank}.jsonl")
+        self.index_path = cache.directory / (INDEX_NAME if rank is None else fragment_name(rank))
         _drop_partial_last_line(self.index_path)
         self.index: BinaryIO = open(self.index_path, "ab")  # noqa: SIM115 (closed in close())
         if rank is None:
@@ -312,29 +315,31 @@ class CacheWriter:
         self.shard_name = ""
         self.slots = 0
 
-    def merge_fragments(self) -> int:
-        """Merge every rank's index fragment into ``index.jsonl`` (one atomic replace), then remove them; returns
-        how many entries they added. Only the writer that holds the lock merges."""
+    def merge_fragments(self, ranks: Sequence[int] = ()) -> None:
+        """Merge every rank's index fragment into ``index.jsonl`` (one atomic replace), then remove them. The
+        fragments of ``ranks`` are opened by name (a network filesystem may not list a file another node just
+        wrote), any others found by listing the directory. Only the writer that holds the lock merges."""
         if self.lock is None:
             raise FPTError("only the writer that holds the cache's lock merges index fragments")
         directory = self.cache.directory
-        fragments = sorted(directory.glob(FRAGMENT_GLOB))
+        named = [directory / fragment_name(rank) for rank in ranks]
+        fragments = sorted({*directory.glob(FRAGMENT_GLOB), *(path for path in named if path.is_file())})
         entries = _read_index(directory / INDEX_NAME)
         if fragments:
-            before = len(entries)
             for fragment in fragments:
                 entries.update(_read_index(fragment))
             entries = _unshared(entries)
             self.index.close()
-            _rewrite_index(directory / INDEX_NAME, entries)  # a crash before the unlinks merges them again
+            try:
+                _rewrite_index(directory / INDEX_NAME, entries)  # a crash before the unlinks merges them again
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise disk_full_error(directory, cached=len(self.cache)) from None
+                raise
             for fragment in fragments:
                 fragment.unlink()
             self.index = open(directory / INDEX_NAME, "ab")  # noqa: SIM115 (closed in close())
-            added = len(entries) - before
-        else:
-            added = 0
         self.cache.entries = entries
-        return added
 
     def add(self, keys: Sequence[str], parts: dict[str, Tensor], digests: Sequence[str]) -> None:
         """Store a batch: image keys, their parts ([B, *shape] each, named as in the layout) and the
@@ -428,17 +433,30 @@ def _index_line(key: str, entry: CacheEntry) -> dict[str, Any]:
     return {"key": key, "shard": entry.shard, "slot": entry.slot, "sha256": entry.sha256, "crc32": entry.crc32}
 
 
-def _lock(directory: Path) -> BinaryIO:
-    """The cache's lock file, held exclusively until the returned handle is closed (a second writer waits)."""
+def fragment_name(rank: int) -> str:
+    """The index fragment of ``rank`` in a distributed preload."""
+    return f"index-r{rank}.jsonl"
+
+
+def _lock(directory: Path, wait: bool = True) -> BinaryIO:
+    """The cache's lock file, held exclusively until the returned handle is closed: a second writer waits, or
+    with ``wait=False`` is refused."""
     handle = open(directory / LOCK_NAME, "ab")  # noqa: SIM115 (the caller closes it)
     if fcntl is not None:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FPTError(
+                f"another preload is writing the feature cache {directory} (it holds {LOCK_NAME}); rerun when it "
+                "has finished, which reuses its work"
+            ) from None
     return handle
 
 
 @contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    handle = _lock(directory)
+def _locked(directory: Path, wait: bool = True) -> Iterator[None]:
+    handle = _lock(directory, wait)
     try:
         yield
     finally:

@@ -32,6 +32,7 @@ from fpt.config import (
 )
 from fpt.data.datasets import load_dataset
 from fpt.data.synthetic import GRADE_NAMES, write_dataset
+from fpt.distributed import refuse_under_torchrun
 from fpt.models.base import TransferModel
 from fpt.models.build import build_model, load_model
 from fpt.predict import predict_images
@@ -54,6 +55,7 @@ def demo_backbone() -> BackboneSpec:
 def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None = None) -> dict[str, Any]:
     """Generate the data (if absent), preload, train FPT+, the linear probe and the side-only control, compare,
     report."""
+    refuse_under_torchrun("`fpt demo`")
     settings = settings or DemoSettings()
     output = Path(output)
     data = output / "data"

@@ -1,22 +1,26 @@
 """Several processes, one job: the ranks that ``torchrun`` starts, on PyTorch's own distributed engine.
 
-``torchrun --nproc_per_node N -m fpt preload ...`` (or ``train``) sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` for each process; ``ranks()`` reads them and joins the process group on first use (NCCL when the
-job runs on CUDA GPUs, gloo otherwise). Without torchrun it is a single rank and every call here is a no-op, so
-the library runs the same code either way.
+``torchrun --nproc_per_node N -m fpt preload ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` for each
+process; ``ranks()`` reads them and joins the process group on first use (NCCL when the job runs on CUDA GPUs,
+gloo otherwise). Without torchrun it is a single rank and every call here runs its action directly, so the
+library runs the same code either way. The collective helpers turn an ``FPTError`` raised on one rank into the
+same error on every rank, so that a job stops everywhere with one message instead of hanging in a barrier.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from fpt.errors import FPTError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,20 +38,8 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
+        """More than one process (under torchrun)."""
         return self.world_size > 1
-
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
-        if self.distributed:
-            dist.barrier()
-
-    def all_gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-        if not self.distributed:
-            return [value]
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
-        return gathered
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` (any picklable object) on every rank."""
@@ -57,11 +49,50 @@ class Ranks:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def on_main(self, action: Callable[[], T]) -> T | None:
+        """Run ``action`` on rank 0 while the others wait; its result on rank 0, None elsewhere. An ``FPTError``
+        (or ``OSError``) it raises is raised as an ``FPTError`` on every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except (FPTError, OSError) as failure:
+                if not self.distributed:
+                    raise
+                error = str(failure)
+        error = self.broadcast(error)
+        if error is not None:
+            raise FPTError(error)
+        return result
+
+    def each(self, action: Callable[[], T]) -> list[T]:
+        """Run ``action`` on every rank; every rank's result, in rank order, on every rank. An ``FPTError`` (or
+        ``OSError``) raised on any rank is raised as an ``FPTError`` on every rank, once all have finished."""
+        if not self.distributed:
+            return [action()]
+        try:
+            outcome: tuple[Any, str | None] = (action(), None)
+        except (FPTError, OSError) as failure:
+            outcome = (None, str(failure))
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, outcome)
+        for _, error in gathered:
+            if error is not None:
+                raise FPTError(error)
+        return [result for result, _ in gathered]
+
     def device_name(self, requested: str) -> str:
-        """The device this rank runs on: with ``auto`` and CUDA GPUs, its own GPU (``cuda:LOCAL_RANK``)."""
-        if self.distributed and requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return requested
+        """The device this rank runs on: with ``auto`` or ``cuda`` and CUDA GPUs, its own (``cuda:LOCAL_RANK``)."""
+        if not self.distributed or not torch.cuda.is_available() or requested not in ("auto", "cuda"):
+            if self.distributed and requested.startswith("cuda:"):
+                raise FPTError(f"under torchrun each process takes its own GPU; pass --device cuda, not {requested}")
+            return requested
+        if self.local_rank >= torch.cuda.device_count():
+            raise FPTError(
+                f"torchrun started more processes on this machine than it has GPUs ({torch.cuda.device_count()}); "
+                "pass --nproc_per_node with at most that many"
+            )
+        return f"cuda:{self.local_rank}"
 
 
 def ranks(device: str = "auto") -> Ranks:
@@ -75,9 +106,18 @@ def ranks(device: str = "auto") -> Ranks:
     except (KeyError, ValueError):
         raise FPTError("WORLD_SIZE is set but RANK is not; start distributed jobs with torchrun") from None
     if not dist.is_initialized():
-        use_cuda = current.device_name(device).startswith("cuda") and torch.cuda.is_available()
+        use_cuda = current.device_name(device).startswith("cuda")
         if use_cuda:
             torch.cuda.set_device(current.local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
         atexit.register(dist.destroy_process_group)
     return current
+
+
+def refuse_under_torchrun(command: str) -> None:
+    """Raise for a command that runs in one process only, when started by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FPTError(
+            f"{command} under torchrun is not supported yet (preloading is): run `torchrun ... -m fpt preload` with "
+            f"the same options, then {command} in one process, which finds the cache complete"
+        )

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 
 from fpt import distributed
 from fpt._version import __version__
-from fpt.cache import FeatureCache, RecordLayout, content_digests
+from fpt.cache import CacheWriter, FeatureCache, RecordLayout, content_digests
 from fpt.config import BackboneSpec, Precision, TrainingConfig, cacheable_methods
-from fpt.data.datasets import ImageDataset
+from fpt.data.datasets import ImageDataset, Sample
 from fpt.data.loaders import SampleViews, collate, worker_count
 from fpt.data.transforms import Normalization, lpm_view
 from fpt.errors import FPTError
@@ -145,64 +145,64 @@ def preload_together(
         )
         for model, training in targets
     ]
-    if ranks.is_main:  # creates (or empties, with overwrite) each cache once, before the other ranks open it
-        caches = [FeatureCache.create(path, fingerprint, layout, overwrite) for path, fingerprint, layout in settings]
-    ranks.barrier()
-    if not ranks.is_main:
-        caches = [FeatureCache.open(path, fingerprint) for path, fingerprint, _ in settings]
+    wait = not ranks.distributed  # a job's other ranks would time out in a barrier while rank 0 waited for a lock
+    created = ranks.on_main(  # each cache is created (or emptied, with overwrite) once, before the others open it
+        lambda: [
+            FeatureCache.create(path, fingerprint, layout, overwrite, wait) for path, fingerprint, layout in settings
+        ]
+    )
+    caches = created or [FeatureCache.open(path, fingerprint) for path, fingerprint, _ in settings]
     samples = {sample.path: sample for split in dataset.splits.values() for sample in split}
     keys = list(samples)
-    hashed = ranks.all_gather(content_digests(dataset.root, keys[ranks.rank :: ranks.world_size], progress))
+    hashed = ranks.each(lambda: content_digests(dataset.root, keys[ranks.rank :: ranks.world_size], progress))
     digests = {key: digest for part in hashed for key, digest in part.items()}
-    incomplete = [cache for cache in caches if cache.missing(digests)]  # a complete cache is never locked
-    with ExitStack() as stack:  # each writer holds its cache's lock: a concurrent preload waits, then reuses
-        # rank 0's writers hold the locks for the whole job, and first merge what an interrupted job left
-        owners = [stack.enter_context(c.writer()) for c in sorted(incomplete, key=_lock_order)] if ranks.is_main else []
-        ranks.barrier()
-        if not ranks.is_main:
-            for cache in incomplete:
-                cache.reload()
-        missing_per_cache = [set(cache.missing(digests)) if cache in incomplete else set() for cache in caches]
+    with ExitStack() as locks:  # rank 0's writers hold the caches' locks for the whole job
+
+        def lock_and_list_missing() -> tuple[list[CacheWriter], list[list[str]]]:
+            """The lock-holding writers of the incomplete caches (which merge what an interrupted job left), and
+            what each cache lacks; a complete cache is never locked."""
+            incomplete = sorted((cache for cache in caches if cache.missing(digests)), key=_lock_order)
+            owned = [locks.enter_context(cache.writer(wait=wait)) for cache in incomplete]
+            return owned, [cache.missing(digests) if cache in incomplete else [] for cache in caches]
+
+        owners, missing_keys = ranks.on_main(lock_and_list_missing) or ([], None)
+        missing_per_cache = [set(wanted) for wanted in ranks.broadcast(missing_keys)]  # rank 0's view, on every rank
         missing = [samples[key] for key in samples if any(key in wanted for wanted in missing_per_cache)]
         share = missing[ranks.rank :: ranks.world_size]  # fixed and never padded: each image on one rank
-        with ExitStack() as fragments:
-            if ranks.is_main:
-                writers = {id(writer.cache): writer for writer in owners}
-            else:
-                writers = {id(cache): fragments.enter_context(cache.writer(ranks.rank)) for cache in incomplete}
-            lpm.to(target)
-            views = SampleViews(dataset.root, share, lpm_view=lpm_view(driver.config.lpm_input_size, normalization))
-            loader = DataLoader(
-                views,
-                batch_size=first.batch_size,
-                num_workers=worker_count(first.num_workers),
-                collate_fn=collate,
-                pin_memory=target.type == "cuda",
-            )
-            bar = progress_bar(total=len(share), unit="img", desc="preload", enabled=progress and bool(share))
-            with bar:
-                for batch in loader:
-                    images = batch.to(target).lpm
-                    with autocast(target, first.precision):
-                        features = _features_of_each(targets, lpm, images)
-                    paths = [share[i].path for i in batch.index.tolist()]
-                    for cache, wanted, parts in zip(caches, missing_per_cache, features, strict=True):
-                        rows = [row for row, path in enumerate(paths) if path in wanted]
-                        if rows:
-                            chosen = [paths[row] for row in rows]
-                            parts = {name: part[rows] for name, part in parts.items()}
-                            writers[id(cache)].add(chosen, parts, [digests[path] for path in chosen])
-                    bar.update(len(paths))
-        ranks.barrier()  # every rank's fragments are complete and closed
-        for writer in owners:
-            writer.merge_fragments()
-            unfinished = writer.cache.missing(digests)
-            if unfinished:
-                raise FPTError(
-                    f"{len(unfinished)} images are missing from {writer.cache.directory} after merging every "
-                    f"rank's records ({unfinished[0]}, ...); run the preload again to compute them"
+
+        def compute_share() -> None:
+            with ExitStack() as fragments:
+                writers = {id(owner.cache): owner for owner in owners}  # rank 0 writes the index itself
+                if not ranks.is_main:
+                    needed = [cache for cache, wanted in zip(caches, missing_per_cache, strict=True) if wanted]
+                    writers = {id(cache): fragments.enter_context(cache.writer(ranks.rank)) for cache in needed}
+                _compute(
+                    targets,
+                    lpm,
+                    dataset.root,
+                    share,
+                    digests,
+                    caches,
+                    missing_per_cache,
+                    writers,
+                    target,
+                    normalization,
+                    progress,
                 )
-    ranks.barrier()  # no rank reads a cache before rank 0 has merged it
+
+        ranks.each(compute_share)  # every rank's fragments are complete and closed
+
+        def merge_and_check() -> None:
+            for owner in owners:
+                owner.merge_fragments(range(1, ranks.world_size))
+                unfinished = owner.cache.missing(digests)
+                if unfinished:
+                    raise FPTError(
+                        f"{len(unfinished)} images are missing from {owner.cache.directory} after merging every "
+                        f"rank's records ({unfinished[0]}, ...); run the preload again to compute them"
+                    )
+
+        ranks.on_main(merge_and_check)  # no rank goes on before rank 0 has merged and checked every cache
     seconds = time.perf_counter() - start
     return [
         PreloadSummary(
@@ -214,6 +214,47 @@ def preload_together(
         )
         for (_, training), cache, wanted in zip(targets, caches, missing_per_cache, strict=True)
     ]
+
+
+def _compute(
+    targets: Sequence[tuple[TransferModel, TrainingConfig]],
+    lpm: nn.Module,
+    root: Path,
+    share: Sequence[Sample],
+    digests: dict[str, str],
+    caches: Sequence[FeatureCache],
+    missing_per_cache: Sequence[set[str]],
+    writers: dict[int, CacheWriter],
+    target: torch.device,
+    normalization: Normalization,
+    progress: bool,
+) -> None:
+    """Run the LPM over ``share`` (this rank's part of the missing images) and write to each cache, through its
+    writer in ``writers`` (keyed by ``id(cache)``), the features of the images it lacks."""
+    driver, first = targets[0]
+    lpm.to(target)
+    views = SampleViews(root, share, lpm_view=lpm_view(driver.config.lpm_input_size, normalization))
+    loader = DataLoader(
+        views,
+        batch_size=first.batch_size,
+        num_workers=worker_count(first.num_workers),
+        collate_fn=collate,
+        pin_memory=target.type == "cuda",
+    )
+    bar = progress_bar(total=len(share), unit="img", desc="preload", enabled=progress and bool(share))
+    with bar:
+        for batch in loader:
+            images = batch.to(target).lpm
+            with autocast(target, first.precision):
+                features = _features_of_each(targets, lpm, images)
+            paths = [share[i].path for i in batch.index.tolist()]
+            for cache, wanted, parts in zip(caches, missing_per_cache, features, strict=True):
+                rows = [row for row, path in enumerate(paths) if path in wanted]
+                if rows:
+                    chosen = [paths[row] for row in rows]
+                    parts = {name: part[rows] for name, part in parts.items()}
+                    writers[id(cache)].add(chosen, parts, [digests[path] for path in chosen])
+            bar.update(len(paths))
 
 
 def _lock_order(cache: FeatureCache) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from fpt.cache import FeatureCache
 from fpt.config import METRIC_NAMES, MethodConfig, TrainingConfig
 from fpt.data.datasets import ImageDataset
 from fpt.data.loaders import collate
+from fpt.distributed import refuse_under_torchrun
 from fpt.errors import FPTError
 from fpt.evaluate import RunResults, evaluate_checkpoints, predict_loader
 from fpt.metrics import classification_metrics
@@ -53,7 +53,7 @@ def train(
     that train through the LPM (the baselines) ignore the cache. Seeds the global random generators with
     ``training.seed``.
     """
-    _refuse_distributed()
+    refuse_under_torchrun("`fpt train`")
     run_dir = Path(run_dir)
     with training_into(run_dir):
         if (run_dir / RUN_FILE).exists():
@@ -89,7 +89,7 @@ def resume(
     same kind of device); everything else is as recorded. A run stopped before its first checkpoint starts
     again from its recorded setup, exactly as it began. Seeds the global random generators as training does.
     """
-    _refuse_distributed()
+    refuse_under_torchrun("`fpt train`")
     run = Run.load(run_dir)
     overrides = {"device": device, "num_workers": num_workers}
     run.training = replace(run.training, **{k: v for k, v in overrides.items() if v is not None})
@@ -102,14 +102,6 @@ def resume(
             return _fit(run, model, resume=False, progress=progress, verify_cache=True)
         model = build_model(run.model_config, load_lpm=run.cache_fingerprint is None)
         return _fit(run, model, resume=True, progress=progress, verify_cache=True)
-
-
-def _refuse_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FPTError(
-            "training under torchrun is not supported yet (preloading is): run `torchrun ... -m fpt preload` with "
-            "the run's options, then `fpt train` in one process, which finds the cache complete"
-        )
 
 
 @dataclass

@@ -31,6 +31,7 @@ from fpt.config import (
     check_method_variants,
     method_variant,
 )
+from fpt.distributed import refuse_under_torchrun
 from fpt.errors import FPTError
 from fpt.evaluate import RunResults
 from fpt.models.build import build_model
@@ -113,6 +114,7 @@ def benchmark_accuracy(
     (``training.selection_metric``), so that each method gets its own best learning rate; the test split plays
     no part in that choice.
     """
+    refuse_under_torchrun("`fpt bench accuracy`")
     if not methods:
         raise FPTError("give at least one method to train")
     check_method_variants(list(methods))
