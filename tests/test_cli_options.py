@@ -52,7 +52,7 @@ def test_help_texts_show_the_defaults_of_the_configs(capsys: pytest.CaptureFixtu
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {default_value(TrainingConfig, 'epochs')})" in text
-    assert "peak learning rate (default: the method's: 1e-4 full, vpt-deep, lora, adapter; 1e-1 linear; 1e-3 " in text
+    assert "peak learning rate (default: the method's: 1e-4 full, vpt-deep, lora, adapter; 1e-2 linear; 1e-3 " in text
     assert "prompts per tapped layer (preset: 16) or per block (vpt-deep: 10)" in text
     assert f"feature cache directory (default: {DEFAULT_CACHE})" in text
 

@@ -542,7 +542,7 @@ def test_by_default_one_optimizer_group_decays_every_trainable_parameter(tiny_lp
     assert (groups[0]["lr"], groups[0]["weight_decay"]) == (1e-3, 0.1)
 
 
-@pytest.mark.parametrize(("method", "lr"), [("fpt+", 1e-3), ("fpt", 1e-3), ("side-only", 1e-3), ("linear", 1e-1)])
+@pytest.mark.parametrize(("method", "lr"), [("fpt+", 1e-3), ("fpt", 1e-3), ("side-only", 1e-3), ("linear", 1e-2)])
 def test_without_an_lr_a_run_gets_its_methods_default_and_records_it(
     tmp_path: Path, image_data: Path, tiny_lpm_dir: Path, method: str, lr: float
 ) -> None:

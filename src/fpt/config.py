@@ -264,7 +264,7 @@ class LinearProbeConfig(MethodConfig):
 
     method: ClassVar[str] = "linear"
     cacheable: ClassVar[bool] = True
-    default_lr: ClassVar[float] = 1e-1  # the best on validation in 8 of 9 panel runs (BENCHMARKS.md)
+    default_lr: ClassVar[float] = 1e-2  # the best mean validation AUC of the standardised probe on the panel
     # fpt 0.1.0 trained the LPM's own head on its CLS token and wrote no pooling field; older configs have no
     # feature_norm field and were trained on the raw embedding
     legacy_defaults: ClassVar[dict[str, Any]] = {"pooling": "cls", "feature_norm": "none"}
