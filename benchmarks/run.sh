@@ -37,9 +37,10 @@ TASKS=binary-imbalanced-small,multigrade-small
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks $TASKS --seeds 0 \
     --variant "paper=--recipe paper" --variant "lr1e-3=--lr 1e-3" --variant "lr1e-3-balanced=--lr 1e-3 --balanced" \
     --variant "lr1e-3-steps1000=--lr 1e-3 --min-steps 1000"
+RAW="--feature-norm none"  # the probe before it standardised its embedding
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear --tasks $TASKS,demo --seeds 0,1,2 \
-    --variant "lr1e-3=--lr 1e-3" --variant "lr1e-2=--lr 1e-2" --variant "lr1e-1=--lr 1e-1" --variant "lr1=--lr 1" \
-    --test --best-of-variants
+    --variant "lr1e-3=$RAW --lr 1e-3" --variant "lr1e-2=$RAW --lr 1e-2" --variant "lr1e-1=$RAW --lr 1e-1" \
+    --variant "lr1=$RAW --lr 1" --test --best-of-variants
 PREVIOUS="--prompt-dropout 0.5 --side-attention-init trunc_normal"  # the defaults before the third screening
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks $TASKS,demo --seeds 0,1,2 \
     --variant "paper=--recipe paper" --variant "default=$PREVIOUS" --variant "v2=" --test
@@ -53,16 +54,30 @@ python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks 
     --variant "v2-trunc-normal=--side-attention-init trunc_normal" --variant "v2="
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks demo,multigrade-small --seeds 0,1,2 \
     --variant "v2=" --test
-# multigrade-imbalanced-768 (FPT+ at its defaults; the probe over its lr grid), and binary-large with one shared
+# multigrade-imbalanced-768 (FPT+ at its defaults; the raw probe over its lr grid), and binary-large with one shared
 # LPM pass for both caches (`--shared-preload`)
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks multigrade-imbalanced-768 --seeds 0,1,2 \
     --variant "v2=" --test
-python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear --tasks multigrade-imbalanced-768,binary-large \
-    --seeds 0,1,2 --variant "lr1e-3=--lr 1e-3" --variant "lr1e-2=--lr 1e-2" --variant "lr1e-1=--lr 1e-1" \
-    --variant "lr1=--lr 1" --test --best-of-variants
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear --tasks multigrade-imbalanced-768 \
+    --seeds 0,1,2 --variant "lr1e-3=$RAW --lr 1e-3" --variant "lr1e-2=$RAW --lr 1e-2" --variant "lr1e-1=$RAW --lr 1e-1" \
+    --variant "lr1=$RAW --lr 1" --test --best-of-variants
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+,linear --tasks binary-large --seeds 0 \
     --variant "v2=" --shared-preload --test
+
+# the probe standardised (today's default) over its lr grid on all five tasks, and a converged logistic
+# regression on the same cached embeddings as a reference
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear \
+    --tasks binary-imbalanced-small,multigrade-small,demo,multigrade-imbalanced-768,binary-large --seeds 0,1,2 \
+    --variant "std-lr1e-3=--lr 1e-3" --variant "std-lr1e-2=--lr 1e-2" --variant "std-lr1e-1=--lr 1e-1" \
+    --variant "std-lr1=--lr 1" --test --best-of-variants
+python benchmarks/probe_reference.py "$OUT/panel" "$OUT/ablation/cache" binary-imbalanced-small multigrade-small demo \
+    multigrade-imbalanced-768 binary-large | tee "$OUT/probe_reference.txt"
 
 # 6. Issue 11: what the cache's content hashes and record checksums cost (on against off, interleaved)
 fpt synth "$OUT/vc120" --train 80 --val 20 --test 20
 python benchmarks/verification_cost.py "$OUT/vc120" --repeats 3 --epochs 3 | tee "$OUT/verification_cost.md"
+
+# 7. Issue 12: preload throughput, one process and two (torchrun, gloo on this CPU), against a bare forward of the
+#    same backbone (ViT-B/16 with random weights) on the same images; on a CUDA machine, benchmarks/gpu_check.sh
+fpt synth "$OUT/tp64" --train 48 --val 8 --test 8
+python benchmarks/preload_throughput.py "$OUT/tp64" --processes 1,2 --repeats 2 --out "$OUT/preload_throughput.json"
