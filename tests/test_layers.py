@@ -80,7 +80,8 @@ def depends_on(name: str) -> set[str]:
     ("module", "allowed"),
     [
         ("fpt.config", {"fpt.errors"}),  # the bottom layer: models import config, never the reverse
-        ("fpt.cache", {"fpt.config", "fpt.errors", "fpt.runtime"}),  # storage only: neither models nor data
+        ("fpt.quantization", set()),  # the int8 codec: torch only, read by the cache and the fusion module
+        ("fpt.cache", {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.quantization"}),  # storage: no models or data
         ("fpt.data.loaders", {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.data.datasets", "fpt.data.images"}),
     ],
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import zlib
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from fpt.config import CACHE_DTYPE_NAMES
 from fpt.errors import FPTError
+from fpt.quantization import quantize_int8
 from fpt.runtime import progress_bar
 
 try:
@@ -55,7 +57,7 @@ LOCK_NAME = "cache.lock"
 FRAGMENT_GLOB = "index-r*.jsonl"
 CACHE_FORMAT = 2  # 1: keys and values only, "layout": {"shape", "dtype"}; still read
 SHARD_BYTES = 2 * 2**30
-CACHE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}
+CACHE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}  # of the parts
 
 
 def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
@@ -77,18 +79,32 @@ class CacheEntry(NamedTuple):
 @dataclass(frozen=True)
 class RecordLayout:
     """The named parts of one image's record and their shapes (e.g. keys and values, each [L, H, T, d_head]),
-    all in one dtype."""
+    stored in one dtype; ``int8`` stores each part as symmetric int8 with a float16 scale per vector of its last
+    dimension (per token of each layer and head), as the part ``<name>_scale`` of shape ``shape[:-1]``."""
 
     parts: dict[str, tuple[int, ...]]
     dtype: str
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return CACHE_DTYPES[self.dtype]
+    def stored_parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every stored part: name -> (shape, dtype), in record order."""
+        stored = {name: (shape, CACHE_DTYPES[self.dtype]) for name, shape in self.parts.items()}
+        if self.dtype == "int8":
+            stored |= {scale_name(name): (shape[:-1], torch.float16) for name, shape in self.parts.items()}
+        return stored
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(shape)) for shape in self.parts.values()) * self.torch_dtype.itemsize
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.stored_parts().values())
+
+    def encode(self, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A batch of parts ([B, *shape] each, floating) as stored: cast, or quantised with their scales."""
+        if self.dtype != "int8":
+            return {name: parts[name].to("cpu", CACHE_DTYPES[self.dtype]) for name in self.parts}
+        stored = {}
+        for name in self.parts:
+            values, scales = quantize_int8(parts[name].to("cpu", torch.float32))
+            stored[name], stored[scale_name(name)] = values, scales
+        return {name: stored[name] for name in self.stored_parts()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"parts": {name: list(shape) for name, shape in self.parts.items()}, "dtype": self.dtype}
@@ -100,6 +116,11 @@ class RecordLayout:
             shape = tuple(layout["shape"])
             return cls({"keys": shape, "values": shape}, layout["dtype"])
         return cls({name: tuple(shape) for name, shape in layout["parts"].items()}, layout["dtype"])
+
+
+def scale_name(part: str) -> str:
+    """The name of a part's int8 scales (a ``Batch`` field too)."""
+    return f"{part}_scale"
 
 
 @dataclass(frozen=True)
@@ -270,12 +291,12 @@ class FeatureCache:
                 f"{'is truncated' if len(record) != size else 'fails its checksum'}); `fpt cache verify "
                 f"{self.directory}` drops every corrupt record and the next `fpt preload` recomputes them"
             )
-        flat = torch.from_numpy(record).view(self.layout.torch_dtype)
-        sizes = [int(np.prod(shape)) for shape in self.layout.parts.values()]
-        return {
-            name: part.view(shape)
-            for (name, shape), part in zip(self.layout.parts.items(), flat.split(sizes), strict=True)
-        }
+        parts, offset = {}, 0
+        for name, (shape, dtype) in self.layout.stored_parts().items():
+            size = math.prod(shape) * dtype.itemsize
+            parts[name] = torch.from_numpy(record[offset : offset + size]).view(dtype).view(shape)
+            offset += size
+        return parts
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_shards": {}}
@@ -347,16 +368,15 @@ class CacheWriter:
         layout = self.cache.layout
         if set(parts) != set(layout.parts):
             raise FPTError(f"cache record parts {sorted(parts)} do not match the layout's {sorted(layout.parts)}")
-        flat = [parts[name].reshape(len(keys), -1) for name in layout.parts]
-        records = torch.cat(flat, dim=1).to("cpu", layout.torch_dtype).contiguous()
-        finite = torch.isfinite(records).all(dim=1)
+        stored = layout.encode(parts)
+        finite = _all_finite(stored)  # int8 too: a NaN or inf part has a NaN or inf scale
         if not finite.all():
             bad = [key for key, ok in zip(keys, finite.tolist(), strict=True) if not ok]
             raise FPTError(
                 f"the LPM's features of {', '.join(bad[:3])} are not finite in {layout.dtype} (an overflow, or NaN in "
                 "the image or the LPM's weights); use --cache-dtype float32, or check those images"
             )
-        data = records.view(torch.uint8).numpy()
+        data = torch.cat([part.reshape(len(keys), -1).view(torch.uint8) for part in stored.values()], dim=1).numpy()
         checksums = [zlib.crc32(row) for row in data]
         try:
             if self.shard is None or (self.slots + len(keys)) * layout.nbytes > SHARD_BYTES:
@@ -395,6 +415,14 @@ class CacheWriter:
         self.index.close()
         if self.lock is not None:
             self.lock.close()  # releases the lock
+
+
+def _all_finite(stored: dict[str, Tensor]) -> Tensor:
+    """[B] whether every floating value of each record is finite."""
+    checks = [
+        torch.isfinite(part.reshape(len(part), -1)).all(dim=1) for part in stored.values() if part.is_floating_point()
+    ]
+    return torch.stack(checks).all(dim=0)
 
 
 def disk_full_error(directory: Path, cached: int) -> FPTError:

@@ -28,7 +28,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AttentionInit = Literal["xavier", "trunc_normal"]
 ATTENTION_INITS: tuple[str, ...] = ("xavier", "trunc_normal")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-CACHE_DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+CACHE_DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
 NORMALIZATIONS: tuple[str, ...] = ("backbone", "auto")
 METRIC_NAMES: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "kappa")
 METERS: tuple[str, ...] = ("measured", "simulated")
@@ -474,7 +474,9 @@ class TrainingConfig:
         num_workers: DataLoader workers (None: one per spare core, at most 4).
         cache_dir: feature cache directory (preloaded LPM features); None (the default for the API; the
             command line's is ``fpt-cache``) runs the LPM on the fly and writes nothing.
-        cache_dtype: dtype of the cached features (keys/values or embeddings).
+        cache_dtype: dtype of the cached features (keys/values or embeddings): float32, bfloat16, float16, or
+            int8 (symmetric, a float16 scale per token of each layer and head, dequantised one layer at a time in
+            the fusion module: a quarter of float32's bytes plus 2 per vector).
         normalization: "backbone" (the LPM's pre-training mean/std) or "auto" (training-set statistics).
         augmentation: training-time augmentation of the side view (FPT) or of the high-resolution view
             (the baselines, which train through the LPM).

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from fpt.cache import CACHE_DTYPES
+from fpt.cache import CACHE_DTYPES, RecordLayout
 from fpt.config import FPTConfig
 from fpt.models.base import TransferModel
 from fpt.models.frozen_encoder import LPMGeometry
@@ -78,8 +77,7 @@ def model_info(model: TransferModel) -> ModelInfo:
         info.tapped_layers = config.tapped_layers
     if config.cacheable:
         layout = model.feature_layout()
-        cached_elements = sum(math.prod(shape) for shape in layout.values())
-        info.cached_bytes_per_image = {name: cached_elements * dtype.itemsize for name, dtype in CACHE_DTYPES.items()}
+        info.cached_bytes_per_image = {name: RecordLayout(layout, name).nbytes for name in CACHE_DTYPES}
     if isinstance(config, FPTConfig):
         info.num_prompts = config.num_prompts
         info.tokens_kept_per_layer = model.feature_layout()["keys"][2]

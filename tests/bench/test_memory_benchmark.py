@@ -475,6 +475,6 @@ def test_cache_dtype_sizes_fpts_cached_batch(capsys: pytest.CaptureFixture[str])
     assert full - half == 2 * geometry.numel() * 2  # keys and values, 4 instead of 2 bytes per element
 
 
-def test_cache_dtype_must_be_a_floating_dtype() -> None:
-    with pytest.raises(FPTError, match=r"cache_dtype must be a floating torch\.dtype"):
+def test_cache_dtype_must_be_a_cache_dtype() -> None:
+    with pytest.raises(FPTError, match=r"cache_dtype must be one of float32, bfloat16, float16, int8"):
         benchmark_memory(PATCH16, INPUT_SIZE, BATCH_SIZE, ["fpt+"], ["simulated"], cache_dtype=False)

@@ -177,9 +177,9 @@ def test_cross_attention_gradients_pass_gradcheck_and_keys_get_none() -> None:
     queries = torch.randn(LAYERS, HEADS, PROMPTS, HEAD_DIM, generator=generator, dtype=torch.float64)
     keys, values = lpm_keys_values()
     queries.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda q: PromptCrossAttention.apply(q, keys, values), (queries,))
+    assert torch.autograd.gradcheck(lambda q: PromptCrossAttention.apply(q, keys, values, None, None), (queries,))
     with pytest.raises(FPTError, match="must not require gradients"):
-        PromptCrossAttention.apply(queries, keys.requires_grad_(True), values)
+        PromptCrossAttention.apply(queries, keys.requires_grad_(True), values, None, None)
 
 
 @pytest.mark.parametrize("kind", ["fpt", "fpt+"])
@@ -201,7 +201,7 @@ def test_cross_attention_never_holds_a_whole_float32_copy_of_the_cache() -> None
     values = torch.randn_like(keys)
 
     def loss(module: torch.nn.ParameterList, inputs) -> torch.Tensor:
-        return PromptCrossAttention.apply(module[0], *inputs).square().sum()
+        return PromptCrossAttention.apply(module[0], *inputs, None, None).square().sum()
 
     for meter in (measure_training_step, simulate_training_step):
         memory = meter(queries, loss, [keys, values])
@@ -212,7 +212,7 @@ def test_cross_attention_never_holds_a_whole_float32_copy_of_the_cache() -> None
 def test_cross_attention_gives_no_silently_wrong_second_derivative() -> None:
     queries = torch.randn(LAYERS, HEADS, PROMPTS, HEAD_DIM, dtype=torch.float64, requires_grad=True)
     keys, values = lpm_keys_values()
-    output = PromptCrossAttention.apply(queries, keys, values).square().sum()
+    output = PromptCrossAttention.apply(queries, keys, values, None, None).square().sum()
     (gradient,) = torch.autograd.grad(output, queries, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         gradient.sum().backward()

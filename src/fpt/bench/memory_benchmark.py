@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from fpt.bench.memory import measure_training_step, simulate_training_step
 from fpt.bench.steps import training_step
+from fpt.cache import CACHE_DTYPES
 from fpt.config import METERS, METHOD_VARIANTS, BackboneSpec, FullFineTuningConfig, check_method_variants
 from fpt.errors import FPTError
 from fpt.models.build import build_model
@@ -107,8 +108,8 @@ def benchmark_memory(
         raise FPTError(f"meters must be among {', '.join(METERS)}")
     if batch_size < 1 or num_classes < 1:
         raise FPTError(f"the batch size and the number of classes must be positive (got {batch_size}, {num_classes})")
-    if not isinstance(cache_dtype, torch.dtype) or not cache_dtype.is_floating_point:
-        raise FPTError(f"cache_dtype must be a floating torch.dtype, got {cache_dtype!r}")
+    if cache_dtype not in CACHE_DTYPES.values():
+        raise FPTError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
     target = select_device(device)
     if "measured" in meters and target.type not in ("cpu", "cuda"):
         raise FPTError(f"the measured meter reads CPU or CUDA memory, not {target.type}; use --device cpu or cuda")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fpt.cache import RecordLayout
 from fpt.config import BackboneSpec, method_variant
 from fpt.data.loaders import Batch
 from fpt.models.base import TransferModel
@@ -74,8 +75,10 @@ def training_step(
     if config.side_network:
         batch.side = images(config.side_input_size)
     if cached:
-        for name, shape in model.feature_layout().items():
-            setattr(batch, name, torch.randn(batch_size, *shape, generator=generator).to(cache_dtype))
+        layout = model.feature_layout()
+        features = {name: torch.randn(batch_size, *shape, generator=generator) for name, shape in layout.items()}
+        for name, stored in RecordLayout(layout, str(cache_dtype).removeprefix("torch.")).encode(features).items():
+            setattr(batch, name, stored)
     elif config.uses_lpm:
         batch.lpm = images(input_size)
     return TrainingStep(method, model, batch)

@@ -26,7 +26,7 @@ from fpt.data.transforms import ImageTransform, Normalization
 from fpt.errors import FPTError
 from fpt.runtime import progress_bar
 
-INPUT_FIELDS = ("side", "lpm", "keys", "values", "embedding")
+INPUT_FIELDS = ("side", "lpm", "keys", "values", "keys_scale", "values_scale", "embedding", "embedding_scale")
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Batch:
         lpm: [B, 3, S, S] high-resolution view (the LPM runs on it).
         keys, values: [B, L, H, T, d_head] the LPM's preloaded important-token keys/values (FPT, FPT+).
         embedding: [B, D] the LPM's preloaded pooled embedding (the linear probe).
+        keys_scale, values_scale, embedding_scale: from an int8 cache, the scale of each vector of the last
+            dimension ([B, L, H, T], [B, L, H, T], [B]); None for a floating cache.
         error: a sample could not be read (set by ``collate`` in a DataLoader worker, raised by ``to``), so the
             user sees fpt's own one-line message rather than the worker's traceback.
     """
@@ -51,6 +53,9 @@ class Batch:
     keys: Tensor | None = None
     values: Tensor | None = None
     embedding: Tensor | None = None
+    keys_scale: Tensor | None = None
+    values_scale: Tensor | None = None
+    embedding_scale: Tensor | None = None
     error: str | None = None
 
     def __len__(self) -> int:

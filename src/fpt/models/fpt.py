@@ -25,6 +25,7 @@ from fpt.models.frozen_encoder import (
 )
 from fpt.models.fusion import FPTFusion, FPTPlusFusion, PromptFusion
 from fpt.models.side_vit import SideViT
+from fpt.quantization import dequantize
 
 FUSION_MODULES: dict[str, type[PromptFusion]] = {"fpt": FPTFusion, "fpt+": FPTPlusFusion}
 
@@ -143,9 +144,17 @@ class FPTModel(TransferModel):
             raise FPTError("this model was built without its LPM (load_lpm=False); it can only use cached features")
         return self.encoder
 
-    def forward(self, side_images: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] -> logits [B, num_classes]."""
-        return self.side(side_images, self.fusion(keys, values))
+    def forward(
+        self,
+        side_images: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        keys_scale: Tensor | None = None,
+        values_scale: Tensor | None = None,
+    ) -> Tensor:
+        """side_images [B, C, s, s], LPM keys/values [B, L, H, T, d_head] (int8 ones with their scales
+        [B, L, H, T]) -> logits [B, num_classes]."""
+        return self.side(side_images, self.fusion(keys, values, keys_scale, values_scale))
 
     def forward_images(self, lpm_images: Tensor, side_images: Tensor) -> Tensor:
         """Logits [B, num_classes] straight from the two views, running the LPM on the fly."""
@@ -155,7 +164,7 @@ class FPTModel(TransferModel):
     def logits(self, batch: Batch) -> Tensor:
         """From the cached keys/values when the batch has them, else by running the LPM on its ``lpm`` view."""
         if batch.keys is not None and batch.values is not None:
-            return self(batch.side, batch.keys, batch.values)
+            return self(batch.side, batch.keys, batch.values, batch.keys_scale, batch.values_scale)
         if batch.lpm is None:
             raise FPTError(f"{self.config.method} needs the LPM's keys and values, or the high-resolution view")
         return self.forward_images(batch.lpm, batch.side)
@@ -164,7 +173,7 @@ class FPTModel(TransferModel):
     def diagnostics(self, batch: Batch) -> dict[str, float]:
         """Per tapped layer: how alike its prompts are (mean cosine similarity) and how spread their attention
         over the cached tokens is (entropy / log T), on ``batch``'s keys (or its LPM view, run through the LPM)."""
-        keys = batch.keys if batch.keys is not None else self.encode(batch.lpm).keys
+        keys = dequantize(batch.keys, batch.keys_scale) if batch.keys is not None else self.encode(batch.lpm).keys
         similarity, entropy = self.fusion.prompt_similarity(), self.fusion.attention_entropy(keys)
         readings = {}
         for index, layer in enumerate(self.config.tapped_layers):

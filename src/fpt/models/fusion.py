@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from fpt.errors import FPTError
+from fpt.quantization import dequantize
 from fpt.runtime import without_autocast
 
 
@@ -50,11 +51,14 @@ class PromptFusion(nn.Module, ABC):
     def output(self, context: Tensor) -> Tensor:
         """Fused prompts O [B, L, M, d_side] from the attended context C [B, L, M, d]."""
 
-    def cross_attention(self, keys: Tensor, values: Tensor) -> Tensor:
-        """C [B, L, M, d] (float32) from keys/values [B, L, H, T, d_head] (any float dtype, e.g. a float16 cache)."""
+    def cross_attention(
+        self, keys: Tensor, values: Tensor, keys_scale: Tensor | None = None, values_scale: Tensor | None = None
+    ) -> Tensor:
+        """C [B, L, M, d] (float32) from keys/values [B, L, H, T, d_head] in any float dtype (e.g. a float16
+        cache), or int8 with their scales [B, L, H, T] (an int8 cache)."""
         num_layers, num_prompts, head_dim = self.prompts.shape[0], self.prompts.shape[1], keys.shape[-1]
         queries = self.queries().view(num_layers, num_prompts, self.num_heads, head_dim).transpose(1, 2)
-        return PromptCrossAttention.apply(queries, keys, values)
+        return PromptCrossAttention.apply(queries, keys, values, keys_scale, values_scale)
 
     def attention_weights(self, keys: Tensor) -> Tensor:
         """softmax(Q_h K_hᵀ / sqrt(d_head)), [B, L, H, M, T]: where each prompt looks."""
@@ -63,9 +67,11 @@ class PromptFusion(nn.Module, ABC):
         q = self.queries().view(num_layers, num_prompts, self.num_heads, head_dim).transpose(1, 2)
         return torch.softmax(q @ keys.to(q.dtype).transpose(-2, -1) * head_dim**-0.5, dim=-1)
 
-    def forward(self, keys: Tensor, values: Tensor) -> Tensor:
-        """keys/values [B, L, H, T, d_head] -> fused prompts [B, L, M, d_side]."""
-        return self.output(self.cross_attention(keys, values))
+    def forward(
+        self, keys: Tensor, values: Tensor, keys_scale: Tensor | None = None, values_scale: Tensor | None = None
+    ) -> Tensor:
+        """keys/values [B, L, H, T, d_head] (with their int8 scales [B, L, H, T]) -> fused prompts [B, L, M, d_side]."""
+        return self.output(self.cross_attention(keys, values, keys_scale, values_scale))
 
     @torch.no_grad()
     def prompt_similarity(self) -> Tensor:
@@ -138,17 +144,26 @@ class PromptCrossAttention(torch.autograd.Function):
     """Multi-head cross-attention from shared prompt queries to frozen keys/values, lean on memory.
 
     ``C[b, l] = concat_h softmax(Q[l, h] K[b, l, h]ᵀ / sqrt(d_head)) V[b, l, h]``, one layer at a time, in
-    float32 (or the queries' dtype if wider). Keys/values stay in their own dtype: a float16 cache is never
-    copied whole to float32, one layer's upcast lives only while that layer is computed, and they get no
-    gradient. Backward keeps only the queries and each row's log-sum-exp and recomputes the attention per
-    layer, so nothing of size [B, L, H, M, T] outlives the layer it belongs to.
+    float32 (or the queries' dtype if wider). Keys/values stay in their own dtype: a float16 or int8 cache is
+    never copied whole to float32 (int8 ones are dequantised with their scales one layer at a time), one layer's
+    upcast lives only while that layer is computed, and they get no gradient. Backward keeps only the queries and
+    each row's log-sum-exp and recomputes the attention per layer, so nothing of size [B, L, H, M, T] outlives the
+    layer it belongs to.
 
-    Shapes: queries [L, H, M, d_head]; keys, values [B, L, H, T, d_head]; output [B, L, M, H * d_head].
+    Shapes: queries [L, H, M, d_head]; keys, values [B, L, H, T, d_head]; their scales (int8 only, else None)
+    [B, L, H, T]; output [B, L, M, H * d_head].
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+    def forward(
+        ctx: FunctionCtx,
+        queries: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        keys_scale: Tensor | None,
+        values_scale: Tensor | None,
+    ) -> Tensor:
+        if any(ctx.needs_input_grad[1:]):
             raise FPTError("the LPM's keys/values must not require gradients: the LPM is frozen")
         batch, num_layers, num_heads, _, head_dim = keys.shape
         num_prompts = queries.shape[2]
@@ -158,17 +173,17 @@ class PromptCrossAttention(torch.autograd.Function):
             output = keys.new_empty((batch, num_layers, num_prompts, num_heads, head_dim), dtype=dtype)
             log_sum_exp = keys.new_empty((batch, num_layers, num_heads, num_prompts), dtype=dtype)
             for layer in range(num_layers):
-                scores = scaled[layer] @ keys[:, layer].to(dtype).mT  # [B, H, M, T]
+                scores = scaled[layer] @ _layer(keys, keys_scale, layer, dtype).mT  # [B, H, M, T]
                 log_sum_exp[:, layer] = torch.logsumexp(scores, dim=-1)
                 probabilities = torch.exp(scores - log_sum_exp[:, layer, ..., None])
-                output[:, layer] = (probabilities @ values[:, layer].to(dtype)).transpose(1, 2)
-        ctx.save_for_backward(queries, keys, values, log_sum_exp)
+                output[:, layer] = (probabilities @ _layer(values, values_scale, layer, dtype)).transpose(1, 2)
+        ctx.save_for_backward(queries, keys, values, keys_scale, values_scale, log_sum_exp)
         return output.flatten(3)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        queries, keys, values, log_sum_exp = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor, None, None, None, None]:
+        queries, keys, values, keys_scale, values_scale, log_sum_exp = ctx.saved_tensors
         batch, num_layers, num_heads, _, head_dim = keys.shape
         num_prompts = queries.shape[2]
         scale, dtype = head_dim**-0.5, log_sum_exp.dtype
@@ -177,11 +192,18 @@ class PromptCrossAttention(torch.autograd.Function):
             grad_output = grad_output.to(dtype).reshape(batch, num_layers, num_prompts, num_heads, head_dim)
             grad_queries = torch.empty(queries.shape, dtype=dtype, device=queries.device)
             for layer in range(num_layers):
-                layer_keys = keys[:, layer].to(dtype)
+                layer_keys = _layer(keys, keys_scale, layer, dtype)
                 probabilities = torch.exp(scaled[layer] @ layer_keys.mT - log_sum_exp[:, layer, ..., None])
-                grad_probabilities = grad_output[:, layer].transpose(1, 2) @ values[:, layer].to(dtype).mT
+                grad_probabilities = (
+                    grad_output[:, layer].transpose(1, 2) @ _layer(values, values_scale, layer, dtype).mT
+                )
                 grad_scores = probabilities * (
                     grad_probabilities - (grad_probabilities * probabilities).sum(dim=-1, keepdim=True)
                 )
                 grad_queries[layer] = (grad_scores @ layer_keys).sum(dim=0) * scale
-        return grad_queries.to(queries.dtype), None, None
+        return grad_queries.to(queries.dtype), None, None, None, None
+
+
+def _layer(tokens: Tensor, scales: Tensor | None, layer: int, dtype: torch.dtype) -> Tensor:
+    """One layer of keys or values [B, L, H, T, d_head] in ``dtype``, [B, H, T, d_head]: int8 ones dequantised."""
+    return dequantize(tokens[:, layer], None if scales is None else scales[:, layer], dtype)

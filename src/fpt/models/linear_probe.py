@@ -23,6 +23,7 @@ from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
 from fpt.models.base import TransferModel, check_input_size
 from fpt.models.frozen_encoder import LPMGeometry
+from fpt.quantization import dequantize
 
 # fpt 0.1.0 trained the LPM's own head (on its CLS token) and saved it under these names
 LEGACY_HEAD_PREFIX = "backbone.head."
@@ -152,7 +153,7 @@ class LinearProbeModel(TransferModel):
     def logits(self, batch: Batch) -> Tensor:
         """From the preloaded embeddings when the batch has them, else by running the LPM on its ``lpm`` view."""
         if batch.embedding is not None:
-            return self(batch.embedding)
+            return self(dequantize(batch.embedding, batch.embedding_scale, self.head.weight.dtype))
         if batch.lpm is None:
             raise FPTError("linear needs the LPM's preloaded embeddings, or the high-resolution view")
         return self(self._encoder()(batch.lpm))
