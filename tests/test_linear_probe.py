@@ -186,7 +186,8 @@ def test_cli_info_counts_the_probe_and_its_cached_bytes(capsys: pytest.CaptureFi
 
     info = json.loads(capsys.readouterr().out)
     assert info["learnable_params"] == WIDTH * 3 + 3
-    assert info["cached_bytes_per_image"] == {"float32": WIDTH * 4, "bfloat16": WIDTH * 2, "float16": WIDTH * 2}
+    expected = {"float32": WIDTH * 4, "bfloat16": WIDTH * 2, "float16": WIDTH * 2, "int8": WIDTH + 2}  # + its scale
+    assert info["cached_bytes_per_image"] == expected
     assert "num_prompts" not in info and "tokens_kept_per_layer" not in info
 
 
