@@ -64,10 +64,12 @@ def run_once(panel: Path, out: Path, task: PanelTask, method: str, variant: str,
     run_dir = out / "runs" / task.name / method / variant / f"seed{seed}"
     if (run_dir / "results.json").is_file():
         return run_dir
-    command = [sys.executable, "-m", "fpt", "train", str(task.data(panel)), "--backbone", "demo"]
-    command += ["--input-size", str(task.size), "--method", method, "--seed", str(seed)]
-    command += ["--cache", str(out / "cache" / task.name / method), *shlex.split(options)]
-    command += ["--resume", str(run_dir)] if (run_dir / "run.json").is_file() else ["--run", str(run_dir)]
+    if (run_dir / "run.json").is_file():  # interrupted: continue it with its recorded settings
+        command = [sys.executable, "-m", "fpt", "train", "--resume", str(run_dir)]
+    else:
+        command = [sys.executable, "-m", "fpt", "train", str(task.data(panel)), "--backbone", "demo"]
+        command += ["--input-size", str(task.size), "--method", method, "--seed", str(seed)]
+        command += ["--cache", str(out / "cache" / task.name / method), *shlex.split(options), "--run", str(run_dir)]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with (run_dir.parent / f"seed{seed}.log").open("w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
