@@ -18,6 +18,8 @@ from PIL import Image
 
 from fpt.cache import FRAGMENT_GLOB, LOCK_NAME, FeatureCache
 from fpt.cli import main
+from fpt.distributed import Ranks
+from fpt.errors import FPTError
 from tests.pipeline_fixtures import NUM_IMAGES, cli_model_args
 
 pytest_plugins = ("tests.pipeline_fixtures",)
@@ -189,3 +191,9 @@ def test_a_distributed_preload_refuses_a_cache_another_process_is_writing(
 
     assert job.returncode != 0
     assert job.stderr.count("fpt: error: another preload is writing the feature cache") == 2  # each rank, no hang
+
+
+def test_a_fixed_gpu_under_torchrun_is_refused_in_one_line() -> None:
+    with pytest.raises(FPTError, match="each process takes its own GPU; pass --device cuda, not cuda:1"):
+        Ranks(rank=0, world_size=2, local_rank=0).device_name("cuda:1")
+    assert Ranks().device_name("cuda:1") == "cuda:1"  # one process: used as given
