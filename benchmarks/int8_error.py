@@ -19,11 +19,15 @@ from torch import Tensor
 
 from fpt.cache import FeatureCache
 from fpt.models.build import load_model
+from fpt.quantization import dequantize, quantize_int8
 from fpt.run import Run
 
 
 def quantized(values: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Symmetric int8 with one scale per slice over ``dims``, dequantised back to float32."""
+    """Symmetric int8 with one float16 scale per slice over ``dims``, dequantised back to float32: over the last
+    dimension exactly what the int8 cache stores (``fpt.quantization``), over more a coarser variant of it."""
+    if dims == (-1,):
+        return dequantize(*quantize_int8(values))
     scale = (values.abs().amax(dim=dims, keepdim=True) / 127).to(torch.float16).float()
     return (values / scale.clamp_min(torch.finfo(torch.float32).tiny)).round().clamp(-127, 127) * scale
 
