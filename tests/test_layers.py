@@ -82,7 +82,10 @@ def depends_on(name: str) -> set[str]:
         ("fpt.config", {"fpt.errors"}),  # the bottom layer: models import config, never the reverse
         ("fpt.quantization", set()),  # the int8 codec: torch only, read by the cache and the fusion module
         ("fpt.cache", {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.quantization"}),  # storage: no models or data
-        ("fpt.data.loaders", {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.data.datasets", "fpt.data.images"}),
+        (
+            "fpt.data.loaders",
+            {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.data.datasets", "fpt.data.images", "fpt.distributed"},
+        ),  # the ranks a training loader shares its batches among
     ],
 )
 def test_low_layers_import_only_what_is_below_them(module: str, allowed: set[str]) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from fpt.cli import main
 from fpt.config import METHOD_CONFIGS, METRIC_NAMES, MethodConfig, TrainingConfig
-from fpt.data.loaders import Batch
+from fpt.data.loaders import Batch, start_epoch
 from fpt.evaluate import evaluate_run
 from fpt.models.backbone import BackboneSpec
 from fpt.models.baselines import BASELINE_METHODS
@@ -115,10 +115,10 @@ def _run(tmp_path: Path, image_data: Path, config: MethodConfig, training: Train
     return Run(tmp_path / "run", model.config, training, str(image_data), normalization, dataset, None)
 
 
-def _views_by_index(loader: DataLoader, generator: torch.Generator | None, seed: int) -> dict[int, dict[str, Any]]:
-    """One pass of ``loader`` (its shuffling generator seeded as the training loop seeds it), item by item."""
-    if generator is not None:
-        generator.manual_seed(seed)
+def _views_by_index(loader: DataLoader, epoch: int | None = None) -> dict[int, dict[str, Any]]:
+    """One pass of ``loader`` (a training loader in epoch ``epoch``), item by item."""
+    if epoch is not None:
+        start_epoch(loader, epoch)
     items = {}
     for batch in loader:
         for row, index in enumerate(batch.index.tolist()):
@@ -139,26 +139,25 @@ def test_baseline_loaders_yield_the_lpm_view_augmented_for_training_and_plain_fo
     run = _run(tmp_path, image_data, baseline_config(method, tiny_lpm_dir), training)
     cache = run.open_cache()
     assert cache is None
-    generator = torch.Generator()
-    train_loader = run.loader("train", cache, generator)
+    train_loader = run.loader("train", cache, shuffle=True)
 
     batch = next(iter(train_loader))
     assert set(_present(batch)) == {"index", "label", "lpm"}  # no side view, no cached keys/values
     assert batch.lpm.shape == (training.batch_size, 3, LPM_INPUT_SIZE, LPM_INPUT_SIZE)
-    torch.manual_seed(0)
-    first_epoch = _views_by_index(train_loader, generator, seed=0)
-    second_epoch = _views_by_index(train_loader, generator, seed=0)  # same order, the augmentation draws again
+    first_epoch = _views_by_index(train_loader, epoch=0)
+    second_epoch = _views_by_index(train_loader, epoch=1)  # the augmentation draws again
     assert len(first_epoch) == len(CLASSES) * SPLIT_SIZES["train"]
     for index, item in first_epoch.items():
         assert not torch.equal(item["lpm"], second_epoch[index]["lpm"]), index
+        assert torch.equal(item["lpm"], _views_by_index(train_loader, epoch=0)[index]["lpm"])  # seeded by epoch
 
     val_loader = run.loader("val", cache)
-    first, again = _views_by_index(val_loader, None, 0), _views_by_index(val_loader, None, 0)
+    first, again = _views_by_index(val_loader), _views_by_index(val_loader)
     assert set(next(iter(first.values()))) == {"index", "label", "lpm"}
     for index, item in first.items():
         assert torch.equal(item["lpm"], again[index]["lpm"])
-    plain_train = _views_by_index(run.loader("train", cache), None, 0)  # evaluating train: plain views too
-    plain_again = _views_by_index(run.loader("train", cache), None, 0)
+    plain_train = _views_by_index(run.loader("train", cache))  # evaluating train: plain views too
+    plain_again = _views_by_index(run.loader("train", cache))
     assert all(torch.equal(item["lpm"], plain_again[index]["lpm"]) for index, item in plain_train.items())
 
 
@@ -166,11 +165,9 @@ def test_fpts_lpm_view_stays_plain_in_training_while_its_side_view_is_augmented(
     tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
 ) -> None:
     run = _run(tmp_path, image_data, tiny_config(tiny_lpm_dir), fast_training(None))
-    generator = torch.Generator()
-    train_loader = run.loader("train", None, generator)
+    train_loader = run.loader("train", None, shuffle=True)
 
-    torch.manual_seed(0)
-    first, second = _views_by_index(train_loader, generator, 0), _views_by_index(train_loader, generator, 0)
+    first, second = _views_by_index(train_loader, epoch=0), _views_by_index(train_loader, epoch=1)
 
     assert set(next(iter(first.values()))) == {"index", "label", "lpm", "side"}
     for index, item in first.items():

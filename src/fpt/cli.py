@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     preload = commands.add_parser(
         "preload",
         help="run the frozen LPM once over a dataset and cache the selected keys/values",
-        description="Compute the LPM's important-token keys/values for every image of DATA and store them in "
-        "--cache. Resumable: rerunning computes only what is missing.",
+        description="Compute the LPM's features (important-token keys/values, or the probe's pooled embedding) for "
+        "every image of DATA and store them in --cache. Resumable: rerunning computes only what is missing. Under "
+        "`torchrun --nproc_per_node N -m fpt preload ...` the images are split among the N processes.",
     )
     preload.add_argument("data", metavar="DATA", help="dataset folder (ROOT/{train,val,test}/<class>/) or CSV")
     add_model_arguments(preload)
@@ -134,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train FPT/FPT+ or a baseline on a dataset (preloading FPT's features first)",
-        description="Train --method on DATA into the run directory --run. For fpt and fpt+ the feature cache is "
-        "built or completed first unless --no-cache; the baselines (full, linear, vpt-deep, lora, adapter) "
-        "train through the LPM on the augmented high-resolution view. `fpt train --resume RUN` continues an "
-        "interrupted run.",
+        description="Train --method on DATA into the run directory --run. For the methods that train from cached "
+        "LPM features (linear, fpt, fpt+) the feature cache is built or completed first; the other baselines "
+        "(full, vpt-deep, lora, adapter) train through the LPM on the augmented high-resolution view. `fpt train "
+        "--resume RUN` continues an interrupted run. Under `torchrun --nproc_per_node N -m fpt train ...` each "
+        "batch of --batch-size images is shared among the N processes, which give the run one process gives "
+        "(to float rounding); rank 0 writes the run.",
     )
     train.add_argument("data", nargs="?", metavar="DATA", help="dataset folder or CSV manifest")
     train.add_argument(
@@ -723,6 +726,7 @@ def _run_preload(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from fpt.distributed import ranks
     from fpt.render import metrics_table
     from fpt.run import REPORT_FILE
     from fpt.train import resume, train
@@ -741,6 +745,8 @@ def _run_train(args: argparse.Namespace) -> int:
             raise FPTError("give DATA and --run DIR (or --resume RUN to continue a run)")
         results = train(args.data, args.run, config_from_args(args), training_config_from_args(args))
         run_dir = Path(args.run)
+    if not ranks().is_main:  # under torchrun, rank 0 reports for the job
+        return 0
     print(metrics_table({"best": results.best, "last": results.last}))
     print(f"run written to {run_dir} (report: {run_dir / REPORT_FILE})")
     return 0

@@ -137,7 +137,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
 def training_step_peak_bytes(run: Run) -> int:
     """Peak memory of one training step (batch of the run's size, after warm-up) for a trained run's method."""
     model = build_model(run.model_config, load_lpm=False).train()
-    batch = next(iter(run.loader("train", run.open_cache(), torch.Generator().manual_seed(run.training.seed))))
+    batch = next(iter(run.loader("train", run.open_cache(), shuffle=True)))
 
     def loss(model: TransferModel, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         *inputs, labels = tensors

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from fpt.errors import FPTError
 
@@ -81,6 +82,33 @@ class Ranks:
                 raise FPTError(error)
         return [result for result, _ in gathered]
 
+    def share(self, count: int) -> range:
+        """This rank's contiguous share of ``count`` items: shares differ in size by at most one, are never padded,
+        and in rank order make up ``range(count)`` (a rank may get none)."""
+        return range(self.rank * count // self.world_size, (self.rank + 1) * count // self.world_size)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The element-wise sum of ``tensor`` over the ranks, on every rank (in place)."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def sum_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Replace the gradient of each trainable parameter by its sum over the ranks, in one all-reduce; a rank
+        whose parameter has no gradient (it saw no sample this step) adds zeros."""
+        if not self.distributed:
+            return
+        trainable = [parameter for parameter in parameters if parameter.requires_grad]
+        flat = torch.cat(
+            [
+                (parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)).reshape(-1)
+                for parameter in trainable
+            ]
+        )
+        dist.all_reduce(flat)
+        for parameter, gradient in zip(trainable, flat.split([p.numel() for p in trainable]), strict=True):
+            parameter.grad = gradient.view_as(parameter)
+
     def device_name(self, requested: str) -> str:
         """The device this rank runs on: with ``auto`` or ``cuda`` and CUDA GPUs, its own (``cuda:LOCAL_RANK``)."""
         if not self.distributed or not torch.cuda.is_available() or requested not in ("auto", "cuda"):
@@ -93,6 +121,9 @@ class Ranks:
                 "pass --nproc_per_node with at most that many"
             )
         return f"cuda:{self.local_rank}"
+
+
+ONE_PROCESS = Ranks()  # a job of one process: every collective is the identity
 
 
 def ranks(device: str = "auto") -> Ranks:
@@ -118,6 +149,6 @@ def refuse_under_torchrun(command: str) -> None:
     """Raise for a command that runs in one process only, when started by torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FPTError(
-            f"{command} under torchrun is not supported yet (preloading is): run `torchrun ... -m fpt preload` with "
-            f"the same options, then {command} in one process, which finds the cache complete"
+            f"{command} runs in one process (it trains several runs one after the other): start it without "
+            "torchrun; `fpt preload` and `fpt train` are the commands that run under torchrun"
         )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from torch.utils.data import DataLoader
 
 from fpt.cache import FeatureCache
 from fpt.config import Precision
+from fpt.data.datasets import Sample
+from fpt.distributed import ONE_PROCESS, Ranks
 from fpt.errors import FPTError
 from fpt.metrics import classification_metrics
 from fpt.models.base import WEIGHTS_NAME, TransferModel
@@ -50,9 +54,11 @@ class RunResults:
 
 @torch.no_grad()
 def predict_loader(
-    model: TransferModel, loader: DataLoader, device: torch.device, precision: Precision
+    model: TransferModel, loader: DataLoader, device: torch.device, precision: Precision, ranks: Ranks = ONE_PROCESS
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Labels [N], softmax probabilities [N, K] and mean cross-entropy of every batch of ``loader``."""
+    """Labels [N], softmax probabilities [N, K] and mean cross-entropy of every batch of ``loader``; under
+    torchrun, of every rank's loader (each its contiguous share of a split, ``Run.loader``), in split order on
+    every rank."""
     model.eval()
     labels, probabilities, loss = [], [], 0.0
     for batch in loader:
@@ -62,8 +68,12 @@ def predict_loader(
         loss += nn.functional.cross_entropy(logits, batch.label, reduction="sum").item()
         labels.append(batch.label.cpu())
         probabilities.append(logits.softmax(dim=-1).cpu())
-    labels_array = torch.cat(labels).numpy()
-    return labels_array, torch.cat(probabilities).numpy(), loss / len(labels_array)
+    if not labels:  # a rank whose share of a small split is empty
+        labels, probabilities = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, model.config.num_classes)]
+    shares = ranks.each(lambda: (torch.cat(labels).numpy(), torch.cat(probabilities).numpy(), loss))
+    labels_array = np.concatenate([share[0] for share in shares])
+    probabilities_array = np.concatenate([share[1] for share in shares])
+    return labels_array, probabilities_array, sum(share[2] for share in shares) / len(labels_array)
 
 
 def evaluate_run(
@@ -82,24 +92,32 @@ def evaluate_run(
 
 
 def evaluate_checkpoints(
-    run: Run, model: TransferModel, device: torch.device, cache: FeatureCache | None, best_epoch: int | None
+    run: Run,
+    model: TransferModel,
+    device: torch.device,
+    cache: FeatureCache | None,
+    best_epoch: int | None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> RunResults:
     """Evaluate the best and last checkpoints on test, loading their trainable weights into ``model`` (whose
-    LPM, when it has one, is reused); write their predictions and results.json."""
+    LPM, when it has one, is reused); write their predictions and results.json (rank 0, under torchrun)."""
     metrics = {}
-    loader = run.loader("test", cache)
+    loader = run.loader("test", cache, ranks=ranks)
     samples = run.dataset.splits["test"]
     for name in CHECKPOINTS:
         model.load_trainable_weights(run.require_checkpoint(name) / WEIGHTS_NAME)
-        labels, probabilities, loss = predict_loader(model, loader, device, run.training.precision)
+        labels, probabilities, loss = predict_loader(model, loader, device, run.training.precision, ranks)
         metrics[name] = {**classification_metrics(labels, probabilities), "loss": loss}
-        path = predictions_file(run.directory, name)
-        path.parent.mkdir(exist_ok=True)
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", *(f"p_{c}" for c in run.dataset.classes)])
-            for sample, row in zip(samples, probabilities, strict=True):
-                writer.writerow([sample.path, sample.label, *(f"{p:.6f}" for p in row)])
+        ranks.on_main(partial(_write_predictions, predictions_file(run.directory, name), run, samples, probabilities))
     results = RunResults(run.dataset.classes, best_epoch, metrics["best"], metrics["last"])
-    write_json(run.directory / RESULTS_FILE, results.to_dict())
+    ranks.on_main(lambda: write_json(run.directory / RESULTS_FILE, results.to_dict()))
     return results
+
+
+def _write_predictions(path: Path, run: Run, samples: Sequence[Sample], probabilities: np.ndarray) -> None:
+    path.parent.mkdir(exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", *(f"p_{c}" for c in run.dataset.classes)])
+        for sample, row in zip(samples, probabilities, strict=True):
+            writer.writerow([sample.path, sample.label, *(f"{p:.6f}" for p in row)])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader
 from fpt.cache import FeatureCache
 from fpt.config import MethodConfig, TrainingConfig, config_from_dict
 from fpt.data.datasets import ImageDataset
-from fpt.data.loaders import SampleViews, collate, decode_in_memory, worker_count
+from fpt.data.loaders import GlobalBatchSampler, SampleViews, collate, decode_in_memory, worker_count
 from fpt.data.transforms import Normalization, lpm_view, side_view
+from fpt.distributed import ONE_PROCESS, Ranks
 from fpt.errors import FPTError
 from fpt.models.base import WEIGHTS_NAME, TransferModel
 
@@ -59,8 +60,16 @@ LOCK_FILE = "run.lock"
 
 
 @contextmanager
-def training_into(directory: Path) -> Iterator[None]:
-    """Hold the run directory's lock while training into it: a second process is refused, never interleaved."""
+def training_into(directory: Path, ranks: Ranks = ONE_PROCESS) -> Iterator[None]:
+    """Hold the run directory's lock while training into it: a second process is refused, never interleaved.
+    Under torchrun rank 0 holds it for the job, and a refusal stops every rank."""
+    with ExitStack() as held:
+        ranks.on_main(lambda: held.enter_context(_locked(directory)))
+        yield
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
     if directory.exists() and not directory.is_dir():
         raise FPTError(f"the run path {directory} is a file, not a directory; pass another --run")
     try:
@@ -137,29 +146,37 @@ class Run:
             raise FPTError(f"{self.directory} has no '{name}' checkpoint yet")
         return directory
 
-    def open_cache(self, splits: Sequence[str] | None = None, verify: bool = True) -> FeatureCache | None:
+    def open_cache(
+        self, splits: Sequence[str] | None = None, verify: bool = True, ranks: Ranks = ONE_PROCESS
+    ) -> FeatureCache | None:
         """The run's feature cache (None without one). With ``verify``, refused unless it holds the features of
-        the exact current bytes of every image of ``splits`` (all of them by default)."""
+        the exact current bytes of every image of ``splits`` (all of them by default); under torchrun rank 0
+        checks for the job."""
         if self.cache_fingerprint is None:
             return None
         cache = FeatureCache.open(self.training.cache_dir, self.cache_fingerprint)
         if verify:
             keys = [sample.path for split in splits or self.dataset.splits for sample in self.dataset.splits[split]]
-            cache.require_current(self.dataset.root, keys)
+            ranks.on_main(lambda: cache.require_current(self.dataset.root, keys))
         return cache
 
-    def loader(self, split: str, cache: FeatureCache | None, generator: torch.Generator | None = None) -> DataLoader:
-        """Batches of ``split``; with a ``generator`` shuffled by it and augmented (for training), else plain.
+    def loader(
+        self, split: str, cache: FeatureCache | None, shuffle: bool = False, ranks: Ranks = ONE_PROCESS
+    ) -> DataLoader:
+        """Batches of ``split`` for this rank: with ``shuffle`` (training) its share of every global batch of the
+        seeded order of each epoch (``start_epoch``), augmented; else its contiguous share of the split, in
+        order and plain.
 
         The side view is augmented for training; the LPM view only for the methods that train through the
         LPM (the baselines), never for those whose LPM features are cacheable. The split's images are decoded
         once into memory when they fit ``training.decoded_images_mib``.
         """
         config, training = self.model_config, self.training
-        augmentation = training.augmentation if generator is not None else None
+        augmentation = training.augmentation if shuffle else None
         lpm_augmentation = None if config.cacheable else augmentation
         samples = self.dataset.splits[split]
         reads_images = config.side_network or (cache is None and config.uses_lpm)
+        read = range(len(samples)) if shuffle else ranks.share(len(samples))  # what this rank reads
         budget = training.decoded_images_mib * 2**20
         views = SampleViews(
             self.dataset.root,
@@ -171,13 +188,19 @@ class Run:
             if cache is None and config.uses_lpm
             else None,
             cache=cache,
-            decoded=decode_in_memory(self.dataset.root, samples, budget) if reads_images and budget else None,
+            decoded=decode_in_memory(self.dataset.root, [samples[i] for i in read], budget)
+            if reads_images and budget
+            else None,
+            augmentation_seed=training.seed if shuffle else None,
+        )
+        batches = (
+            {"batch_sampler": GlobalBatchSampler(len(samples), training.batch_size, training.seed, ranks)}
+            if shuffle
+            else {"batch_size": training.batch_size, "sampler": read}
         )
         return DataLoader(
             views,
-            batch_size=training.batch_size,
-            shuffle=generator is not None,
-            generator=generator,
+            **batches,
             num_workers=worker_count(training.num_workers),
             collate_fn=collate,
             pin_memory=torch.cuda.is_available(),

@@ -7,8 +7,9 @@ reads it.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fpt.data.datasets import Sample
 from fpt.data.images import decode_rgb8, load_image, rgb8_to_tensor
 from fpt.data.transforms import ImageTransform, Normalization
+from fpt.distributed import Ranks
 from fpt.errors import FPTError
 from fpt.runtime import progress_bar
 
@@ -74,6 +76,10 @@ class Batch:
             return self
         return replace(self, **{name: tensor.pin_memory() for name, tensor in self._tensors().items()})
 
+    def first(self, count: int) -> Batch:
+        """The batch's first ``count`` samples (``first(0)``: an empty batch of the same kind and shapes)."""
+        return replace(self, **{name: tensor[:count] for name, tensor in self._tensors().items()})
+
     def inputs(self) -> list[Tensor]:
         """The present model inputs, in ``INPUT_FIELDS`` order (for the memory meters)."""
         return [getattr(self, name) for name in INPUT_FIELDS if getattr(self, name) is not None]
@@ -88,11 +94,55 @@ class Batch:
 
 
 def collate(items: list[dict]) -> Batch:
-    """A ``Batch`` from ``SampleViews`` items (the DataLoader's ``collate_fn``)."""
+    """A ``Batch`` from ``SampleViews`` items (the DataLoader's ``collate_fn``); no items make an empty batch (a
+    rank's share of a last batch smaller than the job)."""
     failed = next((item["error"] for item in items if "error" in item), None)
-    if failed is not None:
+    if failed is not None or not items:
         return Batch(label=torch.empty(0, dtype=torch.long), index=torch.empty(0, dtype=torch.long), error=failed)
     return Batch(**default_collate(items))
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Training batches of one rank: each epoch the split in a seeded random order, cut into global batches of
+    ``batch_size``, of which this rank takes its contiguous share (``Ranks.share``).
+
+    The ranks of a job together see exactly the batches one process sees, whatever their number: no sample is
+    duplicated to even out the ranks (as ``DistributedSampler`` does) and the last, smaller batch is kept.
+
+    Args:
+        count: samples in the split.
+        batch_size: samples per global batch (per optimizer step, over all ranks).
+        seed: with the epoch, seeds the order (``set_epoch``).
+        ranks: this process's ranks.
+    """
+
+    def __init__(self, count: int, batch_size: int, seed: int, ranks: Ranks) -> None:
+        if ranks.world_size > min(count, batch_size):  # the first batch of an epoch must reach every rank
+            raise FPTError(
+                f"{ranks.world_size} processes share each batch, but the batch size is {batch_size} and the training "
+                f"split has {count} images; pass --batch-size {ranks.world_size} or more, or start fewer processes"
+            )
+        self.count, self.batch_size, self.seed, self.ranks = count, batch_size, seed, ranks
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for start in range(0, self.count, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            share = self.ranks.share(len(batch))
+            yield batch[share.start : share.stop]
+
+
+def start_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of a training loader (``Run.loader(..., shuffle=True)``): its order and augmentation."""
+    loader.batch_sampler.set_epoch(epoch)
+    loader.dataset.epoch = epoch
 
 
 class FeatureSource(Protocol):
@@ -114,6 +164,10 @@ class SampleViews(Dataset):
 
     The image is decoded only when a view needs it. A sample that cannot be read yields its error message
     instead, which ``Batch.to`` raises as an ``FPTError``.
+
+    With ``augmentation_seed`` the views of sample i in epoch ``epoch`` are drawn from a generator seeded by
+    (augmentation_seed, epoch, i): the same whichever process or DataLoader worker builds them, so a run is the
+    same with any number of workers or ranks.
     """
 
     def __init__(
@@ -124,6 +178,7 @@ class SampleViews(Dataset):
         lpm_view: ImageTransform | None = None,
         cache: FeatureSource | None = None,
         decoded: Mapping[str, Tensor] | None = None,
+        augmentation_seed: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.samples = list(samples)
@@ -131,6 +186,8 @@ class SampleViews(Dataset):
         self.lpm_view = lpm_view
         self.cache = cache
         self.decoded = decoded or {}
+        self.augmentation_seed = augmentation_seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -142,15 +199,23 @@ class SampleViews(Dataset):
             if self.side_view is not None or self.lpm_view is not None:
                 pixels = self.decoded.get(sample.path)
                 image = load_image(self.root / sample.path) if pixels is None else rgb8_to_tensor(pixels.numpy())
-                if self.side_view is not None:
-                    item["side"] = self.side_view(image)
-                if self.lpm_view is not None:
-                    item["lpm"] = self.lpm_view(image)
+                with torch.random.fork_rng(devices=[], enabled=self.augmentation_seed is not None):
+                    if self.augmentation_seed is not None:
+                        torch.manual_seed(_sample_seed(self.augmentation_seed, self.epoch, index))
+                    if self.side_view is not None:
+                        item["side"] = self.side_view(image)
+                    if self.lpm_view is not None:
+                        item["lpm"] = self.lpm_view(image)
             if self.cache is not None:
                 item.update(self.cache.get(sample.path))
         except FPTError as error:
             return {"index": index, "error": str(error)}
         return item
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed for one sample's views in one epoch (distinct for distinct triples in practice)."""
+    return (((seed * 1_000_003) + epoch) * 1_000_033 + index) % 2**63
 
 
 def decode_in_memory(root: Path, samples: Sequence[Sample], budget_bytes: int) -> dict[str, Tensor] | None:

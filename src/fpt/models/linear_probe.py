@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -96,14 +97,23 @@ class EmbeddingStandardizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, embeddings: Tensor) -> None:
+        """Merge a batch into the statistics; under torchrun, every rank's share of the step's global batch, in
+        rank order (so every rank holds the statistics one process would)."""
         batch = embeddings.float()
-        count = float(len(batch))
-        batch_mean = batch.mean(dim=0)
-        delta = batch_mean - self.mean
-        total = self.count + count
-        self.sum_squares += (batch - batch_mean).square().sum(dim=0) + delta.square() * self.count * count / total
-        self.mean += delta * count / total
-        self.count.copy_(total)
+        batch_mean = batch.mean(dim=0) if len(batch) else torch.zeros_like(self.mean)
+        moments = torch.cat([batch.new_tensor([len(batch)]), batch_mean, (batch - batch_mean).square().sum(dim=0)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shares = [torch.empty_like(moments) for _ in range(dist.get_world_size())]
+            dist.all_gather(shares, moments)
+        else:
+            shares = [moments]
+        for count, share_mean, share_squares in (share.split([1, len(self.mean), len(self.mean)]) for share in shares):
+            delta = share_mean - self.mean
+            total = self.count + count[0]
+            merged = total.clamp(min=1.0)  # an empty share adds nothing (and no host sync asks whether it is empty)
+            self.sum_squares += share_squares + delta.square() * self.count * count[0] / merged
+            self.mean += delta * count[0] / merged
+            self.count.copy_(total)
 
     def forward(self, embeddings: Tensor) -> Tensor:
         """embeddings [B, D] -> standardised embeddings [B, D] (same dtype)."""
