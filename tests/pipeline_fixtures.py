@@ -48,7 +48,7 @@ CLASSES = ("a", "b", "c")
 SPLIT_SIZES = {"train": 4, "val": 2, "test": 2}
 NUM_IMAGES = len(CLASSES) * sum(SPLIT_SIZES.values())
 COLOURS = {"a": (200, 50, 50), "b": (50, 200, 50), "c": (50, 50, 200)}
-TIMING_FIELDS = ("seconds",)
+TIMING_FIELDS = ("seconds", "seconds_per_step")
 
 
 def save_tiny_lpm(directory: Path, seed: int = 0) -> Path:

@@ -75,6 +75,8 @@ def test_run_directory_holds_config_splits_metrics_events_checkpoints_results_an
     for line in lines:
         assert {"train_loss", "val_loss", "lr", *(f"val_{m}" for m in METRICS)} <= line.keys()
         assert np.isfinite(line["train_loss"]) and np.isfinite(line["val_loss"])
+    timings = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < line["seconds_per_step"] * 3 < line["seconds"] for line in timings)  # 3 steps an epoch
 
     events = EventAccumulator(str(trained_run / "tensorboard"))
     events.Reload()

@@ -148,7 +148,7 @@ class Trainer:
         total, count = 0.0, 0
         norms: dict[str, Tensor] = {}
         bar = progress_bar(loader, enabled=progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
-        shapes = None
+        shapes, started = None, time.perf_counter()
         for batch in bar:
             batch = batch.to(self.device)
             if len(batch):
@@ -182,7 +182,8 @@ class Trainer:
             count += int(global_samples)
             bar.set_postfix(loss=f"{total / count:.4f}")
         steps = len(loader)
-        return EpochStats(total / count, {group: norm.item() / steps for group, norm in norms.items()})
+        mean_norms = {group: norm.item() / steps for group, norm in norms.items()}
+        return EpochStats(total / count, mean_norms, (time.perf_counter() - started) / steps)
 
     def _local_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's share of a step: the sum of its samples' (weighted) cross-entropies, the sum of their
@@ -200,10 +201,12 @@ class Trainer:
 
 @dataclass
 class EpochStats:
-    """One training epoch: the mean loss, and each parameter group's mean gradient norm (before clipping)."""
+    """One training epoch: the mean loss, each parameter group's mean gradient norm (before clipping), and the
+    wall time of an optimizer step (the training pass over the epoch's steps, without validation)."""
 
     loss: float
     gradient_norms: dict[str, float]
+    seconds_per_step: float
 
 
 def gradient_norms(model: nn.Module, depth: int = 2) -> dict[str, Tensor]:
@@ -264,6 +267,7 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool, verify_ca
                 "train_loss": stats.loss,
                 "val_loss": val_loss,
                 "lr": state.scheduler.get_last_lr()[0],
+                "seconds_per_step": stats.seconds_per_step,
                 **{f"val_{name}": val_metrics[name] for name in METRIC_NAMES},
                 **{f"grad_norm/{group}": norm for group, norm in stats.gradient_norms.items()},
             }
@@ -321,7 +325,8 @@ class EpochLog:
             shown = f"{score:.4f}" if score is not None else "n/a"
             print(
                 f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}, val loss "
-                f"{record['val_loss']:.4f}, val {training.selection_metric} {shown}{' (best)' if improved else ''}"
+                f"{record['val_loss']:.4f}, val {training.selection_metric} {shown}{' (best)' if improved else ''}, "
+                f"{record['seconds_per_step'] * 1000:.0f} ms/step, {record['seconds']:.1f} s"
             )
 
 
