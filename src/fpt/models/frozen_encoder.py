@@ -85,12 +85,12 @@ def received_attention(q: Tensor, k: Tensor, scale: float, rule: Importance, que
     of ``A`` are computed ``query_chunk`` at a time so that memory stays ``O(chunk · N)``, not ``O(N²)``.
     """
     with without_autocast(q.device.type):  # scores in float32 even under mixed precision
-        k_t = k.float().transpose(-2, -1)
+        k_t = k.float().transpose(-2, -1).contiguous()  # once, not once per chunk inside the matmul
         if rule == "cls":
-            return torch.softmax((q[:, :, :1].float() @ k_t) * scale, dim=-1)[:, :, 0]
+            return torch.softmax((q[:, :, :1].float() @ k_t).mul_(scale), dim=-1)[:, :, 0]
         received = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
         for q_chunk in q.split(query_chunk, dim=2):
-            received += torch.softmax((q_chunk.float() @ k_t) * scale, dim=-1).sum(dim=-2)
+            received += torch.softmax((q_chunk.float() @ k_t).mul_(scale), dim=-1).sum(dim=-2)
         return received / q.shape[2]
 
 
