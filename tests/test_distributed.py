@@ -171,11 +171,13 @@ def test_a_killed_preload_is_completed_by_a_rerun_with_another_number_of_ranks(
     assert_same_cache(cache, tmp_path / "single")
 
 
-def train_args(data: Path, lpm_dir: Path, cache: Path, run: Path, method: str = "fpt+") -> list[str]:
-    """Three epochs of 12 training images in batches of 5 (so the last batch, 2 images, is uneven on 2 ranks),
-    the side view augmented."""
+def train_args(
+    data: Path, lpm_dir: Path, cache: Path, run: Path, method: str = "fpt+", batch_size: int = 5
+) -> list[str]:
+    """Three epochs of 12 training images (in batches of 5 the last batch, 2 images, is split 1/1 on 2 ranks; in
+    batches of 11 the last, 1 image, leaves rank 0 without a share), the training views augmented."""
     model = cli_model_args(lpm_dir) if method == "fpt+" else ["--backbone", str(lpm_dir), "--method", method]
-    options = ["--epochs", "3", "--batch-size", "5", "--lr", "3e-3", "--seed", "0", "--input-size", "64"]
+    options = ["--epochs", "3", "--batch-size", str(batch_size), "--lr", "3e-3", "--seed", "0", "--input-size", "64"]
     return ["train", str(data), *model, *options, "--cache", str(cache), "--run-dir", str(run), "--workers", "0"]
 
 
@@ -219,15 +221,20 @@ TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-3
 
 
-@pytest.mark.parametrize("method", ["fpt+", "linear"])
+@pytest.mark.parametrize(
+    ("method", "batch_size"),
+    [("fpt+", 5), ("linear", 11), ("lora", 11)],
+    ids=["fpt+-last-batch-split", "linear-probe-one-rank-without-share", "lora-one-rank-without-share"],
+)
 def test_two_ranks_train_the_run_one_process_trains(
-    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path, method: str
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path, method: str, batch_size: int
 ) -> None:
     cache = tmp_path / "cache"
-    assert main([*train_args(image_data, tiny_lpm_dir, cache, tmp_path / "one", method), "--device", "cpu"]) == 0
+    args = {"method": method, "batch_size": batch_size}
+    assert main([*train_args(image_data, tiny_lpm_dir, cache, tmp_path / "one", **args), "--device", "cpu"]) == 0
 
     job = subprocess.run(
-        torchrun(2, [*train_args(image_data, tiny_lpm_dir, cache, tmp_path / "two", method), "--device", "cpu"]),
+        torchrun(2, [*train_args(image_data, tiny_lpm_dir, cache, tmp_path / "two", **args), "--device", "cpu"]),
         capture_output=True,
         text=True,
     )

@@ -232,9 +232,10 @@ class FeatureCache:
         under the same relative path)."""
         return [key for key, digest in digests.items() if key not in self.entries or self.entries[key].sha256 != digest]
 
-    def require_current(self, root: Path, keys: Sequence[str]) -> None:
-        """Raise unless every image ``root / key`` is cached from exactly its current bytes."""
-        stale = self.missing(content_digests(root, keys))
+    def require_current(self, root: Path, keys: Sequence[str], digests: Mapping[str, str] | None = None) -> None:
+        """Raise unless every image ``root / key`` is cached from exactly its current bytes (``digests``: their
+        ``content_digests``, when already computed)."""
+        stale = self.missing(content_digests(root, keys) if digests is None else {key: digests[key] for key in keys})
         if stale:
             shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
             raise FPTError(

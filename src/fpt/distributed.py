@@ -94,20 +94,23 @@ class Ranks:
         return tensor
 
     def sum_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
-        """Replace the gradient of each trainable parameter by its sum over the ranks, in one all-reduce; a rank
-        whose parameter has no gradient (it saw no sample this step) adds zeros."""
+        """Replace the gradient of each trainable parameter by its sum over the ranks, in one all-reduce. A rank
+        where a parameter has no gradient (it saw no sample this step) adds zeros; a parameter without a gradient
+        on every rank keeps none, as in one process (the optimizer then skips it)."""
         if not self.distributed:
             return
         trainable = [parameter for parameter in parameters if parameter.requires_grad]
+        present = [float(parameter.grad is not None) for parameter in trainable]
         flat = torch.cat(
             [
-                (parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)).reshape(-1)
-                for parameter in trainable
+                *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in trainable),
+                torch.tensor(present, dtype=trainable[0].dtype, device=trainable[0].device),
             ]
         )
         dist.all_reduce(flat)
-        for parameter, gradient in zip(trainable, flat.split([p.numel() for p in trainable]), strict=True):
-            parameter.grad = gradient.view_as(parameter)
+        *gradients, counts = flat.split([*(p.numel() for p in trainable), len(trainable)])
+        for parameter, gradient, count in zip(trainable, gradients, counts.tolist(), strict=True):
+            parameter.grad = gradient.view_as(parameter) if count > 0 else None
 
     def device_name(self, requested: str) -> str:
         """The device this rank runs on: with ``auto`` or ``cuda`` and CUDA GPUs, its own (``cuda:LOCAL_RANK``)."""

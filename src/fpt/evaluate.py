@@ -60,17 +60,23 @@ def predict_loader(
     torchrun, of every rank's loader (each its contiguous share of a split, ``Run.loader``), in split order on
     every rank."""
     model.eval()
-    labels, probabilities, loss = [], [], 0.0
-    for batch in loader:
-        batch = batch.to(device)
-        with autocast(device, precision):
-            logits = model.logits(batch).float()
-        loss += nn.functional.cross_entropy(logits, batch.label, reduction="sum").item()
-        labels.append(batch.label.cpu())
-        probabilities.append(logits.softmax(dim=-1).cpu())
-    if not labels:  # a rank whose share of a small split is empty
-        labels, probabilities = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, model.config.num_classes)]
-    shares = ranks.each(lambda: (torch.cat(labels).numpy(), torch.cat(probabilities).numpy(), loss))
+
+    def predict_share() -> tuple[np.ndarray, np.ndarray, float]:
+        labels, probabilities, loss = (
+            [torch.zeros(0, dtype=torch.long)],
+            [torch.zeros(0, model.config.num_classes)],
+            0.0,
+        )
+        for batch in loader:
+            batch = batch.to(device)
+            with autocast(device, precision):
+                logits = model.logits(batch).float()
+            loss += nn.functional.cross_entropy(logits, batch.label, reduction="sum").item()
+            labels.append(batch.label.cpu())
+            probabilities.append(logits.softmax(dim=-1).cpu())
+        return torch.cat(labels).numpy(), torch.cat(probabilities).numpy(), loss
+
+    shares = ranks.each(predict_share)  # an error on one rank stops every rank with its message
     labels_array = np.concatenate([share[0] for share in shares])
     probabilities_array = np.concatenate([share[1] for share in shares])
     return labels_array, probabilities_array, sum(share[2] for share in shares) / len(labels_array)

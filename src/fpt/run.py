@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fpt.cache import FeatureCache
+from fpt.cache import FeatureCache, content_digests
 from fpt.config import MethodConfig, TrainingConfig, config_from_dict
 from fpt.data.datasets import ImageDataset
 from fpt.data.loaders import GlobalBatchSampler, SampleViews, collate, decode_in_memory, worker_count
@@ -150,14 +150,16 @@ class Run:
         self, splits: Sequence[str] | None = None, verify: bool = True, ranks: Ranks = ONE_PROCESS
     ) -> FeatureCache | None:
         """The run's feature cache (None without one). With ``verify``, refused unless it holds the features of
-        the exact current bytes of every image of ``splits`` (all of them by default); under torchrun rank 0
-        checks for the job."""
+        the exact current bytes of every image of ``splits`` (all of them by default); under torchrun each rank
+        hashes its share of the images and every rank checks them all."""
         if self.cache_fingerprint is None:
             return None
         cache = FeatureCache.open(self.training.cache_dir, self.cache_fingerprint)
         if verify:
+            root = self.dataset.root
             keys = [sample.path for split in splits or self.dataset.splits for sample in self.dataset.splits[split]]
-            ranks.on_main(lambda: cache.require_current(self.dataset.root, keys))
+            shares = ranks.each(lambda: content_digests(root, keys[ranks.rank :: ranks.world_size]))
+            cache.require_current(root, keys, {key: digest for share in shares for key, digest in share.items()})
         return cache
 
     def loader(

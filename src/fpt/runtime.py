@@ -56,6 +56,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(seed: int, *parts: int) -> int:
+    """A seed for one part of a run (an epoch, a sample, a rank), distinct for distinct parts in practice."""
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % 2**63
+    return seed
+
+
 def progress_bar(iterable: Iterable[T] | None = None, enabled: bool = True, **options: Any) -> tqdm:
     """A tqdm bar with rate and ETA; shown on terminals only, so logs and CI output stay clean."""
     return tqdm(iterable, disable=None if enabled else True, dynamic_ncols=True, **options)

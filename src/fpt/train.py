@@ -49,7 +49,7 @@ from fpt.run import (
     training_into,
     truncate_metrics,
 )
-from fpt.runtime import autocast, progress_bar, seed_everything, select_device
+from fpt.runtime import autocast, derived_seed, progress_bar, seed_everything, select_device
 from fpt.task import prepare
 
 
@@ -148,18 +148,24 @@ class Trainer:
         total, count = 0.0, 0
         norms: dict[str, Tensor] = {}
         bar = progress_bar(loader, enabled=progress, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
-        shapes, started = None, time.perf_counter()
+        started = time.perf_counter()
         for batch in bar:
-            batch = batch.to(self.device)
-            if len(batch):
-                shapes = batch
-            else:  # this rank's share of a last batch smaller than the job: the step runs on no sample (the
-                batch = shapes.first(0)  # collectives of the step, the model's included, need every rank)
-            loss_sum, weight, samples = self._local_loss(batch)
-            # one host sync per step: the global batch's loss, weight and size, the same on every rank
-            loss_total, weight_total, global_samples = self.ranks.sum(
-                torch.stack([loss_sum.detach().float(), weight, samples])
+            failure = None
+            try:
+                batch = batch.to(self.device)
+            except FPTError as error:  # a sample this rank could not read
+                failure = str(error)
+            if failure is None and len(batch):
+                loss_sum, weight, samples = self._local_loss(batch)
+            else:  # no share of this step (a last batch smaller than the job), or no batch: no forward pass
+                self.model.join_empty_step()
+                loss_sum = weight = samples = torch.zeros((), device=self.device)
+            # one host sync per step: the global batch's loss, weight and size, and whether a rank failed
+            loss_total, weight_total, global_samples, failures = self.ranks.sum(
+                torch.stack([loss_sum.detach().float(), weight, samples, weight.new_tensor(failure is not None)])
             ).tolist()
+            if failures:  # every rank stops, with the failed rank's message
+                self.ranks.each(partial(_raise_if_failed, failure))
             loss_value = loss_total / weight_total
             if not math.isfinite(loss_value):  # before the update, so the weights never see it
                 raise FPTError(
@@ -167,7 +173,8 @@ class Trainer:
                     "of fp16"
                 )
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss_sum / weight_total).backward()
+            if loss_sum.requires_grad:
+                scaler.scale(loss_sum / weight_total).backward()
             self.ranks.sum_gradients(self.model.parameters())
             if training.clip_grad_norm is not None or scaler.is_enabled():
                 scaler.unscale_(optimizer)
@@ -197,6 +204,11 @@ class Trainer:
         )
         weight = weights[batch.label].sum() if weights is not None else zero + len(batch)
         return losses.sum(), weight, zero + len(batch)
+
+
+def _raise_if_failed(failure: str | None) -> None:
+    if failure is not None:
+        raise FPTError(failure)
 
 
 @dataclass
@@ -255,6 +267,8 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool, verify_ca
         for epoch in range(start, epochs):
             started = time.perf_counter()
             start_epoch(train_loader, epoch)
+            if ranks.distributed:  # each rank its own dropout masks (the same again after a resume)
+                torch.manual_seed(derived_seed(training.seed, epoch, ranks.rank))
             stats = trainer.train_epoch(train_loader, epoch, epochs, progress)
             labels, probabilities, val_loss = predict_loader(model, val_loader, device, training.precision, ranks)
             val_metrics = classification_metrics(labels, probabilities)

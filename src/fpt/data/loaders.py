@@ -26,7 +26,7 @@ from fpt.data.images import decode_rgb8, load_image, rgb8_to_tensor
 from fpt.data.transforms import ImageTransform, Normalization
 from fpt.distributed import Ranks
 from fpt.errors import FPTError
-from fpt.runtime import progress_bar
+from fpt.runtime import derived_seed, progress_bar
 
 INPUT_FIELDS = ("side", "lpm", "keys", "values", "keys_scale", "values_scale", "embedding", "embedding_scale")
 
@@ -200,8 +200,8 @@ class SampleViews(Dataset):
                 pixels = self.decoded.get(sample.path)
                 image = load_image(self.root / sample.path) if pixels is None else rgb8_to_tensor(pixels.numpy())
                 with torch.random.fork_rng(devices=[], enabled=self.augmentation_seed is not None):
-                    if self.augmentation_seed is not None:
-                        torch.manual_seed(_sample_seed(self.augmentation_seed, self.epoch, index))
+                    if self.augmentation_seed is not None:  # the CPU generator only: the GPUs' drive dropout
+                        torch.default_generator.manual_seed(derived_seed(self.augmentation_seed, self.epoch, index))
                     if self.side_view is not None:
                         item["side"] = self.side_view(image)
                     if self.lpm_view is not None:
@@ -211,11 +211,6 @@ class SampleViews(Dataset):
         except FPTError as error:
             return {"index": index, "error": str(error)}
         return item
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A seed for one sample's views in one epoch (distinct for distinct triples in practice)."""
-    return (((seed * 1_000_003) + epoch) * 1_000_033 + index) % 2**63
 
 
 def decode_in_memory(root: Path, samples: Sequence[Sample], budget_bytes: int) -> dict[str, Tensor] | None:

@@ -87,6 +87,10 @@ class TransferModel(nn.Module):
         """Cacheable methods: release the frozen LPM; from here on the model reads preloaded features only."""
         raise FPTError(f"{self.config.method} trains through its LPM and cannot drop it")
 
+    def join_empty_step(self) -> None:
+        """Take part in a training step without a forward pass, on a rank whose share of the step's batch is empty
+        (under torchrun): models whose training forward joins a collective join it here (none by default)."""
+
     def diagnostics(self, batch: Batch) -> dict[str, float]:
         """Method-specific readings of the model on ``batch`` for the training log (none by default)."""
         return {}

@@ -160,6 +160,11 @@ class LinearProbeModel(TransferModel):
         """embeddings [B, D] (in the cache dtype, or the LPM's) -> logits [B, num_classes]."""
         return self.head(self.norm(embeddings.to(self.head.weight.dtype)))
 
+    def join_empty_step(self) -> None:
+        """The standardiser's statistics merge every rank's share of each training step."""
+        if self.training and isinstance(self.norm, EmbeddingStandardizer):
+            self.norm._update(self.head.weight.new_zeros(0, self.head.in_features))
+
     def logits(self, batch: Batch) -> Tensor:
         """From the preloaded embeddings when the batch has them, else by running the LPM on its ``lpm`` view."""
         if batch.embedding is not None:
