@@ -76,10 +76,6 @@ class Batch:
             return self
         return replace(self, **{name: tensor.pin_memory() for name, tensor in self._tensors().items()})
 
-    def first(self, count: int) -> Batch:
-        """The batch's first ``count`` samples (``first(0)``: an empty batch of the same kind and shapes)."""
-        return replace(self, **{name: tensor[:count] for name, tensor in self._tensors().items()})
-
     def inputs(self) -> list[Tensor]:
         """The present model inputs, in ``INPUT_FIELDS`` order (for the memory meters)."""
         return [getattr(self, name) for name in INPUT_FIELDS if getattr(self, name) is not None]
