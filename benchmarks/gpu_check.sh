@@ -6,7 +6,8 @@
 # Uses the machine's own python3 with PyTorch (nothing is downloaded; the project runs from src/ on PYTHONPATH,
 # so its dependencies -- torch, timm, safetensors, scikit-learn, scikit-image, tensorboard, matplotlib, tqdm --
 # must be there). Writes into OUT (default gpu_check) a few files: gpu_check.md (everything, in order),
-# memory.json, train_bf16.json, preload_throughput.json; scratch data goes to WORK (default /tmp/fpt_gpu_check).
+# memory.json, train_bf16.json (and train_bf16_ddp.json, with several GPUs), preload_throughput.json; scratch data
+# goes to WORK (default /tmp/fpt_gpu_check).
 # A smoke test of the script itself on a CPU: DEVICE=cpu ARCH=vit_tiny_patch16_224 SIZE=64 SYNTH="--train 8 --val 4
 # --test 4" bash benchmarks/gpu_check.sh /tmp/gc (the CUDA tests are then skipped).
 set -uo pipefail
@@ -47,6 +48,13 @@ rm -rf "$WORK/run_bf16" "$WORK/cache_bf16"
 step "FPT+, 2 epochs under bf16 autocast on the demo data" "$PY" -m fpt train "$WORK/demo_data" --backbone demo \
     --method fpt+ --epochs 2 --precision bf16 --device "$DEVICE" --run "$WORK/run_bf16" --cache "$WORK/cache_bf16"
 cp "$WORK/run_bf16/results.json" "$OUT/train_bf16.json" 2>/dev/null
+if [ "$GPUS" -gt 1 ]; then  # the same run on every GPU: torchrun shares each batch (same cache, so no preload)
+    rm -rf "$WORK/run_bf16_ddp"
+    step "FPT+, the same 2 epochs under torchrun on $GPUS GPUs" "$PY" -m torch.distributed.run --standalone \
+        --nproc_per_node "$GPUS" -m fpt train "$WORK/demo_data" --backbone demo --method fpt+ --epochs 2 \
+        --precision bf16 --device "$DEVICE" --run-dir "$WORK/run_bf16_ddp" --cache "$WORK/cache_bf16"
+    cp "$WORK/run_bf16_ddp/results.json" "$OUT/train_bf16_ddp.json" 2>/dev/null
+fi
 step "preload throughput, $ARCH at $SIZE px: 1 process and one per GPU ($GPUS)" "$PY" benchmarks/preload_throughput.py \
     "$WORK/demo_data" --arch "$ARCH" --input-size "$SIZE" --batch-size 32 --device "$DEVICE" \
     --processes "$(if [ "$GPUS" -gt 1 ]; then echo "1,$GPUS"; else echo 1; fi)" --repeats 2 --out "$OUT/preload_throughput.json"
