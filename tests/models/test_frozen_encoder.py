@@ -143,7 +143,7 @@ def test_hand_built_attention_selects_the_designed_tokens_per_head_and_rule():
     q, k = one_hot_attention_qk(targets, num_tokens=6)
     scale = 6**-0.5
 
-    received = received_attention(q, k, scale, "global", query_chunk=4)
+    received = received_attention(q, k, scale, "global", block_bytes=2 * 6 * 4 * 4)  # 4 of 6 query rows a block
     expected_received = torch.tensor([[0, 0, 0, 4, 0, 2], [0, 0, 2, 0, 4, 0]], dtype=torch.float32) / 6
     torch.testing.assert_close(received[0], expected_received, atol=1e-6, rtol=0)
     global_top2 = important_token_indices(received, 2)[0]
@@ -160,8 +160,9 @@ def test_hand_built_attention_selects_the_designed_tokens_per_head_and_rule():
     assert cls_top1[1] != global_top1[1]
 
 
+@pytest.mark.parametrize("block_bytes", [3 * 10 * 4 * 3, 2**20], ids=["3-query-rows", "whole-batch"])
 @pytest.mark.parametrize("rule", ["global", "cls"])
-def test_received_attention_matches_explicit_softmax_with_uneven_query_chunks(rule):
+def test_received_attention_matches_explicit_softmax_in_blocks(rule, block_bytes):
     generator = torch.Generator().manual_seed(3)
     batch, heads, num_tokens, head_dim = 2, 3, 10, 4
     q = torch.randn(batch, heads, num_tokens, head_dim, generator=generator, dtype=torch.float64) * 2
@@ -172,7 +173,7 @@ def test_received_attention_matches_explicit_softmax_with_uneven_query_chunks(ru
         for h in range(heads):
             attention = torch.softmax(q[b, h] @ k[b, h].T * scale, dim=-1)
             expected[b, h] = attention.mean(dim=0) if rule == "global" else attention[0]
-    got = received_attention(q, k, scale, rule, query_chunk=3)  # 10 = 3 + 3 + 3 + 1
+    got = received_attention(q, k, scale, rule, block_bytes)  # 3 rows of 3 heads x 10 tokens: 10 = 3 + 3 + 3 + 1
     assert got.shape == (batch, heads, num_tokens)
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
     if rule == "global":  # each query row sums to 1, so the mean over queries sums to 1 too
