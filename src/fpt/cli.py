@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train methods on one dataset with identical settings and compare AUC, memory, PPE and PME",
         description="Train every --methods on DATA with the same settings into OUT/runs/<method> (finished runs "
         "are reused, interrupted ones resumed), meter their training memory, and write OUT/accuracy.md and "
-        "OUT/accuracy.json: AUC, accuracy, kappa, learnable %%, peak memory, PPE = AUC*exp(-log10(r+1)) and "
+        "OUT/accuracy.json: AUC, accuracy, kappa, learnable %, peak memory, PPE = AUC*exp(-log10(r+1)) and "
         "PME = AUC*exp(-log10(m+1)), r and m the parameter and memory ratios to full fine-tuning.",
     )
     accuracy.add_argument("data", metavar="DATA", help="dataset folder or CSV manifest")
