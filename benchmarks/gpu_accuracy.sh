@@ -13,12 +13,7 @@
 # A smoke test on a CPU: DEVICE=cpu PRECISION=fp32 METHODS=linear,fpt+ SCALES=1 EPOCHS=1 SYNTH="--train 8 --val 4
 # --test 4" bash benchmarks/gpu_accuracy.sh /tmp/ga
 set -euo pipefail
-OUT=$(mkdir -p "${1:-gpu_accuracy}" && cd "${1:-gpu_accuracy}" && pwd)
-WORK=${2:-/tmp/fpt_gpu_accuracy}
-mkdir -p "$WORK"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+. "$(dirname "$0")/gpu_setup.sh" gpu_accuracy "$@"
 METHODS=${METHODS:-full,linear,vpt-deep,lora,adapter,side-only,fpt,fpt+}
 [ -f "$WORK/demo_data/labels.csv" ] || "$PY" -m fpt synth "$WORK/demo_data" ${SYNTH:-}
 "$PY" -m fpt bench accuracy "$WORK/demo_data" --backbone demo --input-size 512 --methods "$METHODS" \

@@ -11,12 +11,7 @@
 # A smoke test of the script itself on a CPU: DEVICE=cpu ARCH=vit_tiny_patch16_224 SIZE=64 SYNTH="--train 8 --val 4
 # --test 4" bash benchmarks/gpu_check.sh /tmp/gc (the CUDA tests are then skipped).
 set -uo pipefail
-OUT=$(mkdir -p "${1:-gpu_check}" && cd "${1:-gpu_check}" && pwd)
-WORK=${2:-/tmp/fpt_gpu_check}
-mkdir -p "$WORK"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+. "$(dirname "$0")/gpu_setup.sh" gpu_check "$@"
 REPORT="$OUT/gpu_check.md"
 DEVICE=${DEVICE:-cuda}
 ARCH=${ARCH:-vit_base_patch16_384}
