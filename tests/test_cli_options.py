@@ -134,3 +134,11 @@ def test_images_outside_root_reaches_the_training_config_and_is_off_by_default()
     parse = build_parser().parse_args
     assert not training_config_from_args(parse(["train", "d", "--run", "r"])).images_outside_root
     assert training_config_from_args(parse(["preload", "d", "--images-outside-root"])).images_outside_root
+
+
+def test_prior_bias_reaches_the_training_config_both_ways_and_the_paper_recipe_has_it_off() -> None:
+    parse = build_parser().parse_args
+    assert training_config_from_args(parse(["train", "d", "--run", "r", "--prior-bias"])).prior_bias
+    assert not training_config_from_args(parse(["train", "d", "--run", "r", "--no-prior-bias"])).prior_bias
+    assert training_config_from_args(parse(["train", "d", "--run", "r"])).prior_bias == TrainingConfig().prior_bias
+    assert not training_config_from_args(parse(["train", "d", "--run", "r", "--recipe", "paper"])).prior_bias

@@ -14,6 +14,7 @@ from fpt.data.loaders import Batch
 from fpt.models.base import TransferModel
 from fpt.models.build import MODEL_CLASSES, build_model, load_model
 from fpt.models.frozen_encoder import num_important_tokens
+from fpt.train import start_at_class_prior
 
 LPM_SIZE, SIDE_SIZE, BATCH, CLASSES = 32, 16, 3, 3
 
@@ -65,6 +66,29 @@ def test_build_logits_save_load_gives_the_same_logits(tmp_path: Path, tiny_spec:
     assert type(restored) is type(model) is MODEL_CLASSES[config.method]
     assert restored.config == model.config
     torch.testing.assert_close(again, logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", list(METHOD_CONFIGS))
+def test_the_classifier_bias_starts_at_the_class_prior(tiny_spec: BackboneSpec, method: str) -> None:
+    config_class = METHOD_CONFIGS[method]
+    options = {"side_input_size": SIDE_SIZE} if config_class.side_network else {}
+    model = build_model(config_class(backbone=tiny_spec, num_classes=CLASSES, lpm_input_size=LPM_SIZE, **options))
+    perturb_trainable_(model)
+    model.eval()
+    batch = batch_for(model, cached=False)
+    with torch.no_grad():
+        before = model.logits(batch)
+        shift = model.classifier().bias.clone()
+
+    start_at_class_prior(model.classifier(), [6, 0, 2])  # a class without a sample counts as one
+
+    with torch.no_grad():
+        after = model.logits(batch)
+    prior = torch.tensor([6.0, 1.0, 2.0]) / 9
+    torch.testing.assert_close(model.classifier().bias, prior.log())
+    assert model.classifier().bias.requires_grad  # the layer that is trained, and the one that gives the logits
+    rounding = 1e-6 * max(1.0, before.abs().max().item())  # float32 rounding of the logits themselves
+    torch.testing.assert_close(after - before, (prior.log() - shift).expand_as(after), rtol=0, atol=rounding)
 
 
 def test_every_method_config_has_exactly_one_model_class() -> None:

@@ -626,6 +626,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
     )
     group.add_argument("--balanced", action="store_true", help="weight the loss by inverse class frequency")
     group.add_argument(
+        "--prior-bias",
+        action=argparse.BooleanOptionalAction,
+        help="start the classifier's bias at the log of the training split's class frequencies, so that the first "
+        f"prediction is the class prior (default: {'on' if default('prior_bias') else 'off'})",
+    )
+    group.add_argument(
         "--metric",
         choices=METRIC_NAMES,
         help=f"validation metric that picks the best checkpoint (default: {default('selection_metric')})",
@@ -659,6 +665,7 @@ TRAINING_OPTIONS = {  # TrainingConfig field: parsed option (absent from command
     "fusion_lr_scale": "fusion_lr_scale",
     "warmup_epochs": "warmup_epochs",
     "label_smoothing": "label_smoothing",
+    "prior_bias": "prior_bias",
     "selection_metric": "metric",
     "seed": "seed",
     "device": "device",

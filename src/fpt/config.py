@@ -467,6 +467,8 @@ class TrainingConfig:
         warmup_epochs: linear warm-up before the per-iteration cosine decay (may be fractional).
         clip_grad_norm: gradient clipping threshold (None disables it).
         label_smoothing, balanced_class_weights: cross-entropy options.
+        prior_bias: start the classifier's bias at the log of the training split's class frequencies (the model's
+            first prediction is then the class prior, whatever the features; the same as zero on balanced classes).
         selection_metric: validation metric that picks the best checkpoint (higher is better).
         seed: seeds data splits, shuffling, augmentation, initialisation and dropout.
         device: "auto" (cuda > mps > cpu) or a torch device name.
@@ -499,6 +501,7 @@ class TrainingConfig:
     clip_grad_norm: float | None = 1.0
     label_smoothing: float = 0.0
     balanced_class_weights: bool = False
+    prior_bias: bool = False
     selection_metric: str = "auc"
     seed: int = 0
     device: str = "auto"
@@ -579,6 +582,7 @@ PAPER_TRAINING: dict[str, Any] = {
     "weight_decay_scope": "all",
     "fusion_lr_scale": 1.0,
     "warmup_epochs": 0.0,
+    "prior_bias": False,
 }
 # fields of the side-network methods' configs (each gets those it has); prompts start at std 1e-6 in both
 PAPER_MODEL: dict[str, Any] = {"prompt_dropout": 0.5, "side_attention_init": "trunc_normal"}

@@ -253,6 +253,8 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool, verify_ca
         scaler=torch.amp.GradScaler(device.type, enabled=training.precision == "fp16" and device.type == "cuda"),
     )
     class_weights = _class_weights(run.dataset).to(device) if training.balanced_class_weights else None
+    if training.prior_bias and not resume:
+        start_at_class_prior(model.classifier(), run.dataset.class_counts("train"))
     trainer = Trainer(model, state, class_weights, device, training, ranks)
     start, best = 0, None
     if resume:
@@ -376,6 +378,14 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+@torch.no_grad()
+def start_at_class_prior(classifier: nn.Linear, class_counts: list[int]) -> None:
+    """Set the classifier's bias to the log of the class frequencies ``class_counts`` (a class without a sample
+    counts as one)."""
+    counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1.0)
+    classifier.bias.copy_((counts / counts.sum()).log())
 
 
 def _class_weights(dataset: ImageDataset) -> Tensor:

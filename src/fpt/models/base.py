@@ -60,6 +60,10 @@ class TransferModel(nn.Module):
         """Frozen parameters held (the LPM's), and the same without the LPM's own classifier head."""
         raise NotImplementedError
 
+    def classifier(self) -> nn.Linear:
+        """The trained linear layer that gives the logits (``TrainingConfig.prior_bias`` starts its bias)."""
+        raise NotImplementedError
+
     def feature_layout(self) -> dict[str, tuple[int, ...]]:
         """Cacheable methods: the named parts of one image's preloaded LPM features and their shapes."""
         raise FPTError(f"{self.config.method} has no LPM features to preload")

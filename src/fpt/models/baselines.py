@@ -103,6 +103,9 @@ class BaselineViT(TransferModel):
     def logits(self, batch: Batch) -> Tensor:
         return self(batch.lpm)
 
+    def classifier(self) -> nn.Linear:
+        return self.backbone.head
+
     def frozen_params(self) -> tuple[int, int]:
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return frozen, frozen

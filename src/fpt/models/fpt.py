@@ -156,6 +156,9 @@ class FPTModel(TransferModel):
         [B, L, H, T]) -> logits [B, num_classes]."""
         return self.side(side_images, self.fusion(keys, values, keys_scale, values_scale))
 
+    def classifier(self) -> nn.Linear:
+        return self.side.head
+
     def forward_images(self, lpm_images: Tensor, side_images: Tensor) -> Tensor:
         """Logits [B, num_classes] straight from the two views, running the LPM on the fly."""
         features = self.encode(lpm_images)
@@ -217,6 +220,9 @@ class SideOnlyModel(TransferModel):
     def forward(self, side_images: Tensor) -> Tensor:
         """side_images [B, C, s, s] -> logits [B, num_classes]."""
         return self.side(side_images)
+
+    def classifier(self) -> nn.Linear:
+        return self.side.head
 
     def logits(self, batch: Batch) -> Tensor:
         return self(batch.side)

@@ -160,6 +160,9 @@ class LinearProbeModel(TransferModel):
         """embeddings [B, D] (in the cache dtype, or the LPM's) -> logits [B, num_classes]."""
         return self.head(self.norm(embeddings.to(self.head.weight.dtype)))
 
+    def classifier(self) -> nn.Linear:
+        return self.head
+
     def join_empty_step(self) -> None:
         """The standardiser's statistics merge every rank's share of each training step."""
         if self.training and isinstance(self.norm, EmbeddingStandardizer):
