@@ -195,15 +195,14 @@ class Trainer:
     def _local_loss(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's share of a step: the sum of its samples' (weighted) cross-entropies, the sum of their
         weights and their number (0-d float tensors on the device)."""
-        zero = torch.zeros((), device=self.device)
+        count = torch.tensor(float(len(batch)), device=self.device)
         with autocast(self.device, self.training.precision):
             logits = self.model.logits(batch)
         weights = self.class_weights
         losses = nn.functional.cross_entropy(
             logits.float(), batch.label, weight=weights, label_smoothing=self.training.label_smoothing, reduction="none"
         )
-        weight = weights[batch.label].sum() if weights is not None else zero + len(batch)
-        return losses.sum(), weight, zero + len(batch)
+        return losses.sum(), weights[batch.label].sum() if weights is not None else count, count
 
 
 def _raise_if_failed(failure: str | None) -> None:
