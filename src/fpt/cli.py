@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from fpt._version import __version__
 from fpt.config import (
@@ -415,6 +416,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, num_classes_required: b
         help=f"token importance rule (preset: {preset(FPTConfig, 'importance')})",
     )
     group.add_argument(
+        "--select-registers",
+        action=argparse.BooleanOptionalAction,
+        help="let the LPM's register tokens (DINOv2/DINOv3 reg models) be kept like image tokens; by default they "
+        "are not candidates (global sinks, not image regions), while the CLS token always is",
+    )
+    group.add_argument(
         "--prompt-dropout",
         type=float,
         metavar="P",
@@ -465,7 +472,14 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
     group.add_argument(
         "--backbone-weights",
         metavar="FILE",
-        help="local .safetensors/.pth/.bin weights for the --backbone architecture (nothing is downloaded)",
+        help="local .safetensors/.pth/.bin weights for the --backbone architecture (nothing is downloaded); a "
+        "JSON object of timm constructor arguments beside it, FILE with the suffix .json, is read as --backbone-kwargs",
+    )
+    group.add_argument(
+        "--backbone-kwargs",
+        metavar="JSON",
+        help="timm constructor arguments of the --backbone architecture, a JSON object or a .json file: e.g. "
+        '\'{"init_values": 1e-5, "reg_tokens": 8, "mlp_layer": "SwiGLUPacked"}\' for a UNI2-class checkpoint',
     )
     return group
 
@@ -485,10 +499,31 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     if args.backbone in ("demo", DEMO_BACKBONE):
         from fpt.demo import demo_backbone
 
-        if args.backbone_weights:
-            raise FPTError("--backbone demo comes with its own weights; drop --backbone-weights")
+        if args.backbone_weights or getattr(args, "backbone_kwargs", None):
+            raise FPTError("--backbone demo comes with its own weights; drop --backbone-weights and --backbone-kwargs")
         return demo_backbone()
-    return BackboneSpec(args.backbone, weights=args.backbone_weights).with_absolute_paths()
+    weights = args.backbone_weights
+    model_kwargs = _backbone_kwargs(getattr(args, "backbone_kwargs", None), weights)
+    return BackboneSpec(args.backbone, weights=weights, model_kwargs=model_kwargs).with_absolute_paths()
+
+
+def _backbone_kwargs(given: str | None, weights: str | None) -> dict[str, Any]:
+    """--backbone-kwargs (inline JSON or a .json file), else the .json file beside the weights, else none."""
+    source, text = "--backbone-kwargs", given
+    if given is not None and Path(given).expanduser().is_file():
+        source, text = given, Path(given).expanduser().read_text()
+    elif given is None and weights is not None and Path(weights).expanduser().with_suffix(".json").is_file():
+        source = str(Path(weights).expanduser().with_suffix(".json"))
+        text = Path(source).read_text()
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FPTError(f"{source} is not valid JSON ({error.msg} at line {error.lineno}); give a JSON object") from None
+    if not isinstance(kwargs, dict):
+        raise FPTError(f"{source} must hold a JSON object of timm constructor arguments, not {type(kwargs).__name__}")
+    return kwargs
 
 
 MODEL_OPTIONS = {  # config field: command-line option
@@ -499,6 +534,7 @@ MODEL_OPTIONS = {  # config field: command-line option
     "num_prompts": "--num-prompts",
     "token_ratio": "--token-ratio",
     "importance": "--importance",
+    "select_registers": "--select-registers",
     "prompt_dropout": "--prompt-dropout",
     "pooling": "--pooling",
     "feature_norm": "--feature-norm",

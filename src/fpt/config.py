@@ -184,16 +184,21 @@ class FPTConfig(SideNetworkConfig):
         num_prompts: M, fine-grained prompts per tapped layer.
         token_ratio: fraction of the LPM's N tokens kept per head (T = int(N * token_ratio)).
         importance: token importance, "global" (mean attention received) or "cls" (CLS attention).
+        select_registers: the LPM's register tokens (DINOv2/DINOv3 ``reg`` models) are candidates for the kept
+            tokens too; by default they are not (global sinks, not image regions). The CLS token always is.
         prompt_dropout: dropout on the fused prompts (the official code's 0.5 slows the start; BENCHMARKS.md).
     """
 
     method: ClassVar[str] = "fpt"
     cacheable: ClassVar[bool] = True
+    # fpt 0.x before this field kept register tokens like image tokens
+    legacy_defaults: ClassVar[dict[str, Any]] = {**SideNetworkConfig.legacy_defaults, "select_registers": True}
 
     side_input_size: int = 224
     num_prompts: int = 16
     token_ratio: float = 0.2
     importance: Importance = "global"
+    select_registers: bool = False
     prompt_dropout: float = 0.0
 
     def __post_init__(self) -> None:

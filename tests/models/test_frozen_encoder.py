@@ -250,9 +250,11 @@ def test_input_that_is_not_a_square_multiple_of_the_patch_size_is_rejected(vit, 
 
 
 def test_register_tokens_and_layer_scale_count_as_prefix_tokens():
+    """With registers as candidates, the selection is the step-by-step reference's over all tokens (by default they
+    are not candidates: tests/models/test_lpm_families.py)."""
     model = make_vit(seed=5, reg_tokens=4, init_values=0.1)
     assert model.num_prefix_tokens == 5
-    encoder = FrozenEncoder(model, tapped_layers=[0, 2], token_ratio=0.3, importance="cls")
+    encoder = FrozenEncoder(model, tapped_layers=[0, 2], token_ratio=0.3, importance="cls", select_registers=True)
     assert encoder.geometry.num_prefix_tokens == 5
     assert encoder.geometry.num_tokens(32) == 5 + 16
     pixels = images(32, seed=6)

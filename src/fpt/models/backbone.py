@@ -1,8 +1,9 @@
-"""Backbone specs: where the frozen large pre-trained model (LPM) comes from, and loading it as a timm ViT.
+"""Backbone specs: where the frozen large pre-trained model (LPM) comes from, and loading it as a timm model.
 
-Every backbone ends up as a timm ``VisionTransformer`` built with ``dynamic_img_size=True``, so its
-position embeddings are resampled (bicubic) to whatever input grid it is given, while its parameters
-stay those of the checkpoint.
+Every backbone ends up as a timm ``VisionTransformer`` or ``Eva`` (``fpt.models.lpm_attention``) built with
+``dynamic_img_size=True``, so its position embeddings (or rotary embeddings) follow whatever input grid it is given,
+while its parameters stay those of the checkpoint. Hugging Face ViT, DINOv2 and SigLIP directories are converted
+to timm's ``VisionTransformer`` layout.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from typing import Any
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import GluMlp, Mlp, SwiGLU, SwiGLUPacked
 from timm.models import load_state_dict
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from fpt.config import DEMO_BACKBONE, BackboneSpec, is_local_path
 from fpt.errors import BackboneError
+from fpt.models.lpm_attention import LPM, check_supported
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _HF_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> VisionTransformer:
+def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> LPM:
     """Build the LPM described by ``spec``, frozen and in eval mode.
 
     With ``pretrained=False`` the architecture is built with random weights and nothing is read or
@@ -47,7 +52,7 @@ def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> VisionTransfor
     else:
         model = _create_timm(spec.name, spec, pretrained=pretrained and spec.weights is None)
         if pretrained and spec.weights is not None:
-            _load_weights_file(model, Path(spec.weights).expanduser())
+            _load_weights_file(model, Path(spec.weights).expanduser(), spec.name)
     check_supported(model, spec.name)
     return model.eval().requires_grad_(False)
 
@@ -65,25 +70,28 @@ def backbone_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float,
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def check_supported(model: nn.Module, name: str) -> None:
-    """Raise unless ``model`` is a timm ViT whose blocks use a fused ``attn.qkv`` projection."""
-    if not isinstance(model, VisionTransformer):
-        raise BackboneError(
-            f"backbone '{name}' is a {type(model).__name__}, not a timm VisionTransformer; FPT supports the "
-            "ViT family (vit_*, deit_*, vit_*_dinov2, models with register tokens)"
-        )
-    for index, block in enumerate(model.blocks):
-        attn = getattr(block, "attn", None)
-        if not isinstance(getattr(attn, "qkv", None), nn.Linear) or not hasattr(attn, "num_heads"):
+# model kwargs that name a timm layer class, as strings in JSON (``{"mlp_layer": "SwiGLUPacked"}``)
+_LAYER_CLASSES = {"Mlp": Mlp, "GluMlp": GluMlp, "SwiGLU": SwiGLU, "SwiGLUPacked": SwiGLUPacked}
+
+
+def timm_model_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``BackboneSpec.model_kwargs`` as timm takes them: ``mlp_layer`` names become timm's classes."""
+    resolved = dict(model_kwargs)
+    layer = resolved.get("mlp_layer")
+    if isinstance(layer, str):
+        if layer not in _LAYER_CLASSES:
             raise BackboneError(
-                f"backbone '{name}': block {index} has no timm Attention with a fused qkv projection, "
-                "which FPT reads the keys and values from; use a standard ViT block layout"
+                f"unknown mlp_layer '{layer}' in the backbone's model kwargs; use one of {', '.join(_LAYER_CLASSES)}"
             )
+        resolved["mlp_layer"] = _LAYER_CLASSES[layer]
+    return resolved
 
 
 def _create_timm(name: str, spec: BackboneSpec, pretrained: bool, **kwargs: Any) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **spec.model_kwargs, **kwargs)
+        return timm.create_model(
+            name, pretrained=pretrained, dynamic_img_size=True, **timm_model_kwargs(spec.model_kwargs), **kwargs
+        )
     except RuntimeError as error:
         if "Unknown model" not in str(error):
             raise
@@ -101,12 +109,13 @@ def _create_timm(name: str, spec: BackboneSpec, pretrained: bool, **kwargs: Any)
         ) from None
 
 
-def _load_weights_file(model: nn.Module, path: Path) -> None:
+def _load_weights_file(model: LPM, path: Path, name: str) -> None:
     if not path.is_file():
         raise BackboneError(f"weights file not found: {path}")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise BackboneError(f"weights file {path} has suffix '{path.suffix}'; expected one of {WEIGHT_SUFFIXES}")
-    load_vit_state_dict(model, checkpoint_filter_fn(_read_state_dict(path), model), str(path))
+    checkpoint_filter = eva_checkpoint_filter_fn if isinstance(model, Eva) else checkpoint_filter_fn
+    load_vit_state_dict(model, checkpoint_filter(_read_state_dict(path), model), str(path), name)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -121,8 +130,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise BackboneError(f"cannot read weights file {path}: {error}") from None
 
 
-def load_vit_state_dict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load a timm-layout state dict, adapting the classifier head to the checkpoint's (or removing it)."""
+def load_vit_state_dict(model: LPM, state_dict: dict[str, torch.Tensor], source: str, name: str = "") -> None:
+    """Load a timm-layout state dict, adapting the classifier head to the checkpoint's (or removing it); ``name``
+    is the architecture as the user gave it, for the error messages."""
     head = state_dict.get("head.weight")
     num_classes = head.shape[0] if head is not None else 0
     if num_classes != model.num_classes:
@@ -135,8 +145,9 @@ def load_vit_state_dict(model: VisionTransformer, state_dict: dict[str, torch.Te
     ]
     if mismatched:
         raise BackboneError(
-            f"weights in {source} have other shapes than the architecture: {_few(mismatched)}; check that --backbone "
-            "names the architecture they were trained with"
+            f"weights in {source} ({_describe(state_dict)}) do not fit the architecture {name or 'built'} "
+            f"({_describe(model_state)}): {_few(mismatched)}; pass the architecture they were trained with as "
+            "--backbone (and its constructor arguments with --backbone-kwargs)"
         )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
@@ -144,6 +155,17 @@ def load_vit_state_dict(model: VisionTransformer, state_dict: dict[str, torch.Te
             f"weights in {source} do not match the architecture: missing {_few(missing)}, "
             f"unexpected {_few(unexpected)}; check that --backbone names the architecture they were trained with"
         )
+
+
+def _describe(state_dict: dict[str, torch.Tensor]) -> str:
+    """'width W, D blocks, patch P' of a timm-layout state dict, from its patch embedding and block indices."""
+    patch = state_dict.get("patch_embed.proj.weight")
+    blocks = {int(key.split(".")[1]) for key in state_dict if key.startswith("blocks.")}
+    parts = [f"width {patch.shape[0]}"] if patch is not None else []
+    parts.append(f"{max(blocks) + 1 if blocks else 0} blocks")
+    if patch is not None:
+        parts.append(f"patch {patch.shape[-1]}")
+    return ", ".join(parts)
 
 
 def _few(keys: list[str]) -> str:
@@ -160,10 +182,11 @@ def _load_local_directory(path: Path, spec: BackboneSpec, pretrained: bool) -> n
     config = json.loads(config_file.read_text())
     if "architecture" in config:
         return _create_timm(f"local-dir:{path}", spec, pretrained=pretrained)
-    if config.get("model_type") == "vit":
+    if config.get("model_type") in HF_MODEL_TYPES:
         return vit_from_hf_directory(path, config, pretrained)
     raise BackboneError(
-        f"{config_file} is neither a timm config (key 'architecture') nor a Hugging Face ViT config (model_type 'vit')"
+        f"{config_file} is neither a timm config (key 'architecture') nor a Hugging Face config of a model fpt reads "
+        f"(model_type {', '.join(HF_MODEL_TYPES)}); its model_type is '{config.get('model_type')}'"
     )
 
 
@@ -192,54 +215,81 @@ def _repo_has(repo_id: str, filename: str) -> bool:
     return file_exists(repo_id, filename)
 
 
-# Hugging Face ViT (ViTModel / ViTForImageClassification) -> timm VisionTransformer.
-# Both the Hub's long-standing names and transformers 5's module names are accepted.
+# Hugging Face checkpoints -> timm VisionTransformer. Both the Hub's long-standing names and transformers 5's module
+# names are accepted; separate query/key/value linears are stacked into timm's fused qkv.
 _HF_LAYER_KEY = re.compile(
-    r"^(?:encoder\.layer|layers)\.(\d+)\.(attention\.attention\.query|attention\.attention\.key|"
-    r"attention\.attention\.value|attention\.q_proj|attention\.k_proj|attention\.v_proj|"
-    r"attention\.output\.dense|attention\.o_proj|intermediate\.dense|output\.dense|mlp\.fc1|mlp\.fc2|"
-    r"layernorm_before|layernorm_after)\.(weight|bias)$"
+    r"^(?:encoder\.layers?|layers)\.(\d+)\.("
+    r"attention\.attention\.(?:query|key|value)|attention\.[qkv]_proj|self_attn\.[qkv]_proj|"
+    r"attention\.output\.dense|attention\.o_proj|self_attn\.out_proj|"
+    r"intermediate\.dense|output\.dense|mlp\.fc1|mlp\.fc2|mlp\.weights_in|mlp\.weights_out|"
+    r"layernorm_before|layernorm_after|norm1|norm2|layer_norm1|layer_norm2|layer_scale1|layer_scale2"
+    r")\.(weight|bias|lambda1)$"
 )
 _HF_LAYER_TARGET = {
     "attention.attention.query": "q",
     "attention.q_proj": "q",
+    "self_attn.q_proj": "q",
     "attention.attention.key": "k",
     "attention.k_proj": "k",
+    "self_attn.k_proj": "k",
     "attention.attention.value": "v",
     "attention.v_proj": "v",
+    "self_attn.v_proj": "v",
     "attention.output.dense": "attn.proj",
     "attention.o_proj": "attn.proj",
+    "self_attn.out_proj": "attn.proj",
     "intermediate.dense": "mlp.fc1",
     "mlp.fc1": "mlp.fc1",
+    "mlp.weights_in": "mlp.fc1",
     "output.dense": "mlp.fc2",
     "mlp.fc2": "mlp.fc2",
+    "mlp.weights_out": "mlp.fc2",
     "layernorm_before": "norm1",
+    "norm1": "norm1",
+    "layer_norm1": "norm1",
     "layernorm_after": "norm2",
+    "norm2": "norm2",
+    "layer_norm2": "norm2",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
 }
 _HF_OTHER_KEYS = {
     "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "reg_token",
     "embeddings.position_embeddings": "pos_embed",
+    "embeddings.position_embedding.weight": "pos_embed",
     "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
     "layernorm.weight": "norm.weight",
     "layernorm.bias": "norm.bias",
+    "post_layernorm.weight": "norm.weight",
+    "post_layernorm.bias": "norm.bias",
     "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
 }
-_HF_IGNORED_KEYS = re.compile(r"^(pooler\.|embeddings\.mask_token)")
+# the ViT pooler, the mask token, SigLIP's attention-pool head and text tower: nothing fpt reads
+_HF_IGNORED_KEYS = re.compile(r"^(pooler\.|embeddings\.mask_token|head\.|text_model\.|logit_scale|logit_bias)")
+_HF_PREFIXES = ("vit.", "dinov2.", "vision_model.")
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+HF_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "siglip_vision_model", "siglip")
 
 
-def hf_vit_state_dict_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face ViT state dict to timm's layout; separate q/k/v are stacked into ``qkv``.
+def hf_state_dict_to_timm(state_dict: dict[str, torch.Tensor], model_type: str = "vit") -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face ViT, DINOv2 or SigLIP state dict to timm's ``VisionTransformer`` layout.
 
-    The pooler (a tanh projection timm's ViT does not have) and the mask token are dropped.
+    Separate q/k/v are stacked into ``qkv``; DINOv2's CLS position embedding is folded into its CLS token (timm's
+    ``no_embed_class`` layout, as timm's own DINOv2 models are built); SigLIP's [P, d] position table gets a batch
+    axis. The ViT pooler, mask token, SigLIP's attention-pool head and the classifiers of models other than ViT are
+    dropped: fpt reads the tokens only.
     """
     converted: dict[str, torch.Tensor] = {}
     qkv_parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        key = key.removeprefix("vit.")
-        if _HF_IGNORED_KEYS.match(key):
+        for prefix in _HF_PREFIXES:
+            key = key.removeprefix(prefix)
+        if _HF_IGNORED_KEYS.match(key) or (model_type != "vit" and key.startswith("classifier.")):
             continue
         layer_match = _HF_LAYER_KEY.match(key)
         if layer_match:
@@ -247,59 +297,98 @@ def hf_vit_state_dict_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, 
             target = _HF_LAYER_TARGET[module]
             if target in ("q", "k", "v"):
                 qkv_parts.setdefault((int(layer), kind), {})[target] = tensor
+            elif target in ("ls1", "ls2"):
+                converted[f"blocks.{layer}.{target}.gamma"] = tensor
             else:
                 converted[f"blocks.{layer}.{target}.{kind}"] = tensor
         elif key in _HF_OTHER_KEYS:
             converted[_HF_OTHER_KEYS[key]] = tensor
         else:
-            raise BackboneError(f"unexpected key '{key}' in a Hugging Face ViT checkpoint")
+            raise BackboneError(f"unexpected key '{key}' in a Hugging Face {model_type} checkpoint")
     for (layer, kind), parts in qkv_parts.items():
         if set(parts) != {"q", "k", "v"}:
             raise BackboneError(f"layer {layer} of the Hugging Face checkpoint lacks some of query/key/value")
         converted[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if model_type.startswith("dinov2") and "pos_embed" in converted:
+        converted["cls_token"] = converted["cls_token"] + converted["pos_embed"][:, :1]
+        converted["pos_embed"] = converted["pos_embed"][:, 1:]
+    if converted.get("pos_embed") is not None and converted["pos_embed"].dim() == 2:
+        converted["pos_embed"] = converted["pos_embed"].unsqueeze(0)
     return converted
 
 
 def vit_from_hf_config(config: dict[str, Any]) -> VisionTransformer:
-    """A randomly initialised timm ViT with the geometry of a Hugging Face ``ViTConfig`` dict."""
+    """A randomly initialised timm ViT with the geometry of a Hugging Face ViT, DINOv2 (with or without registers)
+    or SigLIP vision config dict (``model_type`` says which)."""
+    model_type = config.get("model_type", "vit")
     activation = config.get("hidden_act", "gelu")
     if activation not in _HF_ACTIVATIONS:
-        raise BackboneError(f"Hugging Face ViT activation '{activation}' is not supported")
+        raise BackboneError(f"Hugging Face {model_type} activation '{activation}' is not supported")
     hidden = config["hidden_size"]
-    is_classifier = "ViTForImageClassification" in config.get("architectures", [])
-    return VisionTransformer(
-        img_size=config["image_size"],
-        patch_size=config["patch_size"],
-        in_chans=config.get("num_channels", 3),
-        num_classes=len(config.get("id2label", {})) if is_classifier else 0,
-        embed_dim=hidden,
-        depth=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        mlp_ratio=config["intermediate_size"] / hidden,
-        qkv_bias=config.get("qkv_bias", True),
-        norm_layer=partial(nn.LayerNorm, eps=config.get("layer_norm_eps", 1e-12)),
-        act_layer=_HF_ACTIVATIONS[activation],
-        dynamic_img_size=True,
-    )
+    geometry: dict[str, Any] = {
+        "img_size": config["image_size"],
+        "patch_size": config["patch_size"],
+        "in_chans": config.get("num_channels", 3),
+        "embed_dim": hidden,
+        "depth": config["num_hidden_layers"],
+        "num_heads": config["num_attention_heads"],
+        "qkv_bias": config.get("qkv_bias", True),
+        "norm_layer": partial(nn.LayerNorm, eps=config.get("layer_norm_eps", 1e-12)),
+        "act_layer": _HF_ACTIVATIONS[activation],
+        "dynamic_img_size": True,
+    }
+    if model_type == "vit":
+        is_classifier = "ViTForImageClassification" in (config.get("architectures") or [])
+        geometry |= {
+            "num_classes": len(config.get("id2label", {})) if is_classifier else 0,
+            "mlp_ratio": config["intermediate_size"] / hidden,
+        }
+    elif model_type.startswith("dinov2"):
+        geometry |= {
+            "num_classes": 0,
+            "mlp_ratio": config.get("mlp_ratio", 4),
+            "init_values": config.get("layerscale_value", 1.0),
+            "reg_tokens": config.get("num_register_tokens", 0),
+            "no_embed_class": True,
+        }
+        if config.get("use_swiglu_ffn", False):  # packed SwiGLU: fc1 gives both halves, hidden width rounded to 8
+            width = (int(hidden * geometry["mlp_ratio"] * 2 / 3) + 7) // 8 * 8
+            geometry |= {"mlp_ratio": 2 * width / hidden, "mlp_layer": SwiGLUPacked, "act_layer": "silu"}
+    elif model_type == "siglip_vision_model":
+        geometry |= {
+            "num_classes": 0,
+            "mlp_ratio": config["intermediate_size"] / hidden,
+            "class_token": False,
+            "global_pool": "avg",
+            "fc_norm": False,  # post_layernorm is the final norm of every token, as in SigLIP
+        }
+    else:
+        raise BackboneError(f"Hugging Face model type '{model_type}' is not supported; fpt reads {HF_MODEL_TYPES}")
+    return VisionTransformer(**geometry)
 
 
 def vit_from_hf_directory(path: Path, config: dict[str, Any], pretrained: bool) -> VisionTransformer:
-    """Build a timm ViT from a Hugging Face ViT checkpoint directory (``config.json`` + weights).
+    """Build a timm ViT from a Hugging Face ViT, DINOv2 or SigLIP checkpoint directory (``config.json`` + weights;
+    a full SigLIP model's vision tower is used).
 
-    Its normalisation comes from ``preprocessor_config.json`` when present, else the ViT processor's
-    default of 0.5 mean and std.
+    Its normalisation comes from ``preprocessor_config.json`` when present, else the family's processor default
+    (ImageNet's for DINOv2, 0.5 mean and std for ViT and SigLIP).
     """
+    if config.get("model_type") == "siglip":
+        config = {"model_type": "siglip_vision_model", **config.get("vision_config", {})}
+    model_type = config.get("model_type", "vit")
     model = vit_from_hf_config(config)
     processor_file = path / "preprocessor_config.json"
     processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if model_type.startswith("dinov2") else ([0.5] * 3,) * 2
     model.pretrained_cfg = {
-        "mean": processor.get("image_mean", [0.5] * 3),
-        "std": processor.get("image_std", [0.5] * 3),
+        "mean": processor.get("image_mean", list(mean)),
+        "std": processor.get("image_std", list(std)),
     }
     if not pretrained:
         return model
     weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
     if weights is None:
         raise BackboneError(f"{path} has a config.json but neither model.safetensors nor pytorch_model.bin")
-    load_vit_state_dict(model, hf_vit_state_dict_to_timm(_read_state_dict(weights)), str(weights))
+    load_vit_state_dict(model, hf_state_dict_to_timm(_read_state_dict(weights), model_type), str(weights))
     return model

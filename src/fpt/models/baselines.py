@@ -23,6 +23,7 @@ from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
 from fpt.models.base import TransferModel, check_input_size
 from fpt.models.frozen_encoder import LPMGeometry
+from fpt.models.lpm_attention import LPM
 
 
 class LoRALinear(nn.Module):
@@ -72,13 +73,18 @@ class BaselineViT(TransferModel):
 
     Args:
         config: a baseline method's config.
-        backbone: the pre-trained timm ViT; it is modified in place.
+        backbone: the pre-trained LPM (timm ViT or Eva); it is modified in place.
     """
 
-    def __init__(self, config: MethodConfig, backbone: VisionTransformer) -> None:
+    def __init__(self, config: MethodConfig, backbone: LPM) -> None:
         super().__init__()
         if config.method not in BASELINE_METHODS:
             raise FPTError(f"'{config.method}' is not a baseline; expected one of {', '.join(BASELINE_METHODS)}")
+        if config.method in ("lora", "vpt-deep") and not isinstance(backbone, VisionTransformer):
+            raise FPTError(
+                f"--method {config.method} adapts timm VisionTransformer backbones; '{config.backbone.name}' is a "
+                f"{type(backbone).__name__} (rotary position embeddings): use full, adapter, linear, fpt or fpt+"
+            )
         self.geometry = LPMGeometry.from_model(backbone)
         check_input_size("lpm_input_size (--input-size)", config.lpm_input_size, self.geometry.patch_size)
         self.config = config

@@ -95,7 +95,7 @@ class FPTModel(TransferModel):
         backbone = load_backbone(config.backbone, pretrained=pretrained_lpm)
         geometry = LPMGeometry.from_model(backbone)
         tapped_layers = config.resolved_tapped_layers(geometry.depth)
-        encoder = FrozenEncoder(backbone, tapped_layers, config.token_ratio, config.importance)
+        encoder = FrozenEncoder(backbone, tapped_layers, config.token_ratio, config.importance, config.select_registers)
         return cls(config, geometry, encoder)
 
     def drop_lpm(self) -> None:
@@ -117,6 +117,8 @@ class FPTModel(TransferModel):
             "tapped_layers": config.tapped_layers,
             "token_ratio": config.token_ratio,
             "importance": config.importance,
+            # only where there are registers, so that the caches of LPMs without them stay valid
+            **({"select_registers": config.select_registers} if self.geometry.num_register_tokens else {}),
         }
 
     def preload_features(self, lpm_images: Tensor) -> dict[str, Tensor]:
@@ -126,7 +128,9 @@ class FPTModel(TransferModel):
     @contextmanager
     def recording_features(self, lpm: nn.Module) -> Iterator[Callable[[], dict[str, Tensor]]]:
         config = self.config
-        selection = TokenSelection(tuple(config.tapped_layers), config.token_ratio, config.importance)
+        selection = TokenSelection(
+            tuple(config.tapped_layers), config.token_ratio, config.importance, config.select_registers
+        )
         with selection.recording(lpm) as selected:
 
             def features() -> dict[str, Tensor]:

@@ -1,8 +1,9 @@
 """The frozen large pre-trained model (LPM): keys and values of its most important tokens.
 
-The LPM runs through its own timm modules. A forward hook on each tapped block's ``attn.qkv``
-projection reads ``x̂ W_qkv + b_qkv`` (``x̂ = norm1(x)``, the block's normalised input), scores the
-tokens by the attention they receive, and keeps the keys and values of the top ``T`` tokens per head.
+The LPM runs through its own timm modules. At each tapped block a hook (``fpt.models.lpm_attention``, one per
+LPM family) reads the per-head queries, keys and values the block's attention uses, scores the tokens by the
+attention they receive, and keeps the keys and values of the top ``T`` tokens per head. Register tokens are not
+candidates unless asked for (they are global sinks, not image regions); the CLS token is, as in the papers.
 Untapped blocks run the model's normal fused path, and blocks after the last tapped one are not run.
 """
 
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from fpt.config import IMPORTANCE_RULES, Importance
 from fpt.errors import FPTError
+from fpt.models.lpm_attention import LPM, has_class_token, register_positions, tap_attention
 from fpt.runtime import without_autocast
 
 
@@ -31,19 +32,21 @@ class LPMGeometry:
     depth: int
     patch_size: int
     num_prefix_tokens: int
+    num_register_tokens: int = 0  # of the prefix tokens, those that are registers (the others: the CLS token)
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
     @classmethod
-    def from_model(cls, model: VisionTransformer) -> LPMGeometry:
+    def from_model(cls, model: LPM) -> LPMGeometry:
         return cls(
             embed_dim=model.embed_dim,
             num_heads=model.blocks[0].attn.num_heads,
             depth=len(model.blocks),
             patch_size=model.patch_embed.patch_size[0],
             num_prefix_tokens=model.num_prefix_tokens,
+            num_register_tokens=len(register_positions(model)),
         )
 
     def num_tokens(self, input_size: int) -> int:
@@ -116,21 +119,21 @@ def gather_tokens(states: Tensor, indices: Tensor) -> Tensor:
 class TokenSelection:
     """What a method keeps of a frozen LPM: the keys/values of the top ``token_ratio`` of tokens per head, by
     ``importance`` ("global": mean attention received; "cls": attention from the CLS token), at each tapped
-    block (increasing indices)."""
+    block (increasing indices). Register tokens are candidates only with ``select_registers``."""
 
     tapped_layers: tuple[int, ...]
     token_ratio: float
     importance: Importance
+    select_registers: bool = False
 
     @contextmanager
-    def recording(self, lpm: VisionTransformer) -> Iterator[Callable[[], LPMFeatures]]:
-        """While open, every forward of ``lpm`` selects the important tokens of the tapped blocks (read by a
-        hook on each one's ``attn.qkv``); the yielded function returns those of the latest forward."""
+    def recording(self, lpm: LPM) -> Iterator[Callable[[], LPMFeatures]]:
+        """While open, every forward of ``lpm`` selects the important tokens of the tapped blocks; the yielded
+        function returns those of the latest forward."""
         selected: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        excluded = range(0) if self.select_registers else register_positions(lpm)
         hooks = [
-            lpm.blocks[layer].attn.qkv.register_forward_hook(
-                partial(self._select, lpm.blocks[layer].attn, layer, selected)
-            )
+            tap_attention(lpm.blocks[layer].attn, partial(self._select, layer, excluded, selected))
             for layer in self.tapped_layers
         ]
 
@@ -146,37 +149,39 @@ class TokenSelection:
 
     def _select(
         self,
-        attn: nn.Module,
         layer: int,
+        excluded: range,
         selected: dict[int, tuple[Tensor, Tensor, Tensor]],
-        qkv_linear: nn.Module,
-        inputs: tuple[Tensor],
-        qkv: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float,
     ) -> None:
-        batch, num_tokens, _ = qkv.shape
-        q, k, v = qkv.reshape(batch, num_tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        num_kept = num_important_tokens(num_tokens, self.token_ratio)
-        indices = important_token_indices(received_attention(q, k, attn.scale, self.importance), num_kept)
+        num_kept = num_important_tokens(q.shape[2], self.token_ratio)
+        importance = received_attention(q, k, scale, self.importance)
+        importance[:, :, excluded.start : excluded.stop] = -torch.inf
+        indices = important_token_indices(importance, num_kept)
         selected[layer] = (gather_tokens(k, indices), gather_tokens(v, indices), indices)
 
 
 class FrozenEncoder(nn.Module):
-    """A frozen timm ViT that returns the keys/values of its important tokens for the tapped layers.
+    """A frozen LPM that returns the keys/values of its important tokens for the tapped layers.
 
     Args:
-        model: a timm ``VisionTransformer`` (built with ``dynamic_img_size=True`` for any input size).
+        model: a timm ``VisionTransformer`` or ``Eva`` (built with ``dynamic_img_size=True`` for any input size).
         tapped_layers: indices of the blocks whose keys/values are returned, in increasing order.
         token_ratio: fraction of the N tokens each head keeps.
         importance: "global" (mean attention received) or "cls" (attention from the CLS token).
+        select_registers: register tokens are candidates too (by default they are never kept).
     """
 
     def __init__(
         self,
-        model: VisionTransformer,
+        model: LPM,
         tapped_layers: list[int],
         token_ratio: float = 0.2,
         importance: Importance = "global",
+        select_registers: bool = False,
     ) -> None:
         super().__init__()
         if not model.dynamic_img_size:
@@ -186,9 +191,9 @@ class FrozenEncoder(nn.Module):
         validate_tapped_layers(tapped_layers, self.geometry.depth)
         if importance not in IMPORTANCE_RULES:
             raise FPTError(f"unknown importance rule '{importance}'; choose one of {IMPORTANCE_RULES}")
-        if importance == "cls" and not model.has_class_token:
-            raise FPTError("importance 'cls' needs a backbone with a CLS token; use 'global'")
-        self.selection = TokenSelection(tuple(tapped_layers), token_ratio, importance)
+        if importance == "cls" and not has_class_token(model):
+            raise FPTError("importance 'cls' needs a backbone with a CLS token, and this one has none; use 'global'")
+        self.selection = TokenSelection(tuple(tapped_layers), token_ratio, importance, select_registers)
         self.train(False)
 
     def train(self, mode: bool = True) -> FrozenEncoder:

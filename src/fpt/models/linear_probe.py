@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from fpt.config import LinearProbeConfig, Pooling
@@ -24,6 +23,7 @@ from fpt.errors import FPTError
 from fpt.models.backbone import load_backbone
 from fpt.models.base import TransferModel, check_input_size
 from fpt.models.frozen_encoder import LPMGeometry
+from fpt.models.lpm_attention import LPM, has_class_token
 from fpt.quantization import dequantize
 
 # fpt 0.1.0 trained the LPM's own head (on its CLS token) and saved it under these names
@@ -35,21 +35,21 @@ def embedding_dim(geometry: LPMGeometry, pooling: Pooling) -> int:
     return geometry.embed_dim * (2 if pooling == "cls+mean" else 1)
 
 
-def check_pooling(lpm: VisionTransformer, pooling: Pooling) -> None:
+def check_pooling(lpm: LPM, pooling: Pooling) -> None:
     """Raise unless the LPM has the tokens ``pooling`` reads."""
-    if "cls" in pooling and not lpm.has_class_token:
-        raise FPTError(f"pooling '{pooling}' needs a backbone with a CLS token; use --pooling mean")
+    if "cls" in pooling and not has_class_token(lpm):
+        raise FPTError(f"pooling '{pooling}' needs a CLS token, and this backbone has none; use --pooling mean")
 
 
 class PooledEncoder(nn.Module):
-    """A frozen timm ViT that returns one embedding per image from its final normalised tokens.
+    """A frozen LPM that returns one embedding per image from its final normalised tokens.
 
     Args:
         model: the LPM (built with ``dynamic_img_size=True``).
         pooling: "cls" (the CLS token), "mean" (the mean of the patch tokens) or "cls+mean" (both, concatenated).
     """
 
-    def __init__(self, model: VisionTransformer, pooling: Pooling) -> None:
+    def __init__(self, model: LPM, pooling: Pooling) -> None:
         super().__init__()
         check_pooling(model, pooling)
         self.model = model.requires_grad_(False)
