@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fpt.data.images import is_image_file
+from fpt.data.images import SUPPORTED_FORMATS, is_image_file
 from fpt.errors import FPTError
 
 SPLITS = ("train", "val", "test")
@@ -176,8 +176,8 @@ def _read_csv(path: Path, images_outside_root: bool) -> tuple[list[str], dict[st
         image = Path(os.path.relpath(location, root))  # canonical, with leading ../ for an image outside
         if not location.is_file():
             raise FPTError(f"{path}:{line}: image {location} does not exist")
-        if not is_image_file(image):
-            raise FPTError(f"{path}:{line}: {image} is not a supported image (.jpg .png .tif .bmp)")
+        if not is_image_file(location):
+            raise FPTError(f"{path}:{line}: {image} is not a supported image ({SUPPORTED_FORMATS})")
         real = os.path.realpath(location)  # the same file under two names (a link) counts once too
         if real in first_line:
             raise FPTError(

@@ -1,4 +1,4 @@
-"""Decoding images of any common mode into RGB float tensors."""
+"""Decoding images of any common mode, and DICOM (``fpt.data.dicom``), into RGB float tensors."""
 
 from __future__ import annotations
 
@@ -10,15 +10,20 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from fpt.data.dicom import is_dicom_file
 from fpt.errors import FPTError
 
 BOMB = "claims more pixels than PIL's decompression-bomb limit (a crafted or damaged header)"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+SUPPORTED_FORMATS = ".jpg .png .tif .bmp, DICOM (.dcm, or no suffix)"
 
 
 def is_image_file(path: Path) -> bool:
-    """True for visible files with an image suffix (so .DS_Store, Thumbs.db and notes are skipped)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    """True for visible files with an image suffix, and DICOM files (.dcm/.dicom, or no suffix and a DICOM
+    header), so .DS_Store, Thumbs.db and notes are skipped."""
+    if path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
 def load_image(path: str | Path) -> Tensor:
@@ -45,8 +50,26 @@ def decode_rgb8(path: str | Path) -> np.ndarray | None:
     return pixels if pixels.dtype == np.uint8 else None
 
 
+def pixel_count(path: Path) -> int:
+    """Width × height of an image, from its header only (PIL's, or a DICOM's Rows and Columns)."""
+    if is_dicom_file(path):
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            return int(header.Rows) * int(header.Columns)
+        except Exception as error:  # pydicom's InvalidDicomError, a missing Rows: read as a damaged file
+            raise FPTError(f"cannot read the header of DICOM {path} ({error})") from None
+    with Image.open(path) as image:
+        return image.width * image.height
+
+
 def _decode(path: str | Path) -> np.ndarray:
     """[H, W, 3]: uint8 for an 8-bit image, float32 in [0, 1] for a wide-mode one; a one-line error otherwise."""
+    if is_dicom_file(Path(path)):
+        from fpt.data.dicom import decode_dicom
+
+        return decode_dicom(path)
     try:
         with Image.open(path) as image:
             image.load()
@@ -67,6 +90,8 @@ def unreadable_images(root: Path, keys: list[str]) -> dict[str, str]:
     run on a few threads, that lists every unreadable file at once before any work starts."""
 
     def problem(key: str) -> str | None:
+        if is_dicom_file(root / key):
+            return _dicom_problem(root / key)
         try:
             with Image.open(root / key) as image:
                 image.verify()  # reads the file without decoding it: PNG chunk checksums catch truncation
@@ -81,6 +106,16 @@ def unreadable_images(root: Path, keys: list[str]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=8) as pool:
         found = dict(zip(keys, pool.map(problem, keys), strict=True))
     return {key: reason for key, reason in found.items() if reason is not None}
+
+
+def _dicom_problem(path: Path) -> str | None:
+    from fpt.data.dicom import read_dicom_header
+
+    try:
+        read_dicom_header(path)
+    except FPTError as error:
+        return str(error)
+    return None
 
 
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # scaled by their own range, not by 255

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fpt.data.datasets import Sample
-from fpt.data.images import decode_rgb8, load_image, rgb8_to_tensor
+from fpt.data.images import decode_rgb8, load_image, pixel_count, rgb8_to_tensor
 from fpt.data.transforms import ImageTransform, Normalization
 from fpt.distributed import Ranks
 from fpt.errors import FPTError
@@ -216,8 +216,7 @@ def decode_in_memory(root: Path, samples: Sequence[Sample], budget_bytes: int) -
     be read (each is then decoded in every epoch, and a bad file reported there as without this)."""
 
     def pixel_bytes(sample: Sample) -> int:
-        with Image.open(root / sample.path) as image:  # the header only
-            return image.width * image.height * 3
+        return pixel_count(root / sample.path) * 3
 
     def decode(sample: Sample) -> Tensor | None:
         pixels = decode_rgb8(root / sample.path)
