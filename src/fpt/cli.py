@@ -27,6 +27,7 @@ from fpt.config import (
     METRIC_NAMES,
     NORMALIZATIONS,
     POOLINGS,
+    POS_EMBED_RESAMPLINGS,
     PRECISIONS,
     RECIPES,
     WEIGHT_DECAY_SCOPES,
@@ -476,6 +477,13 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
         "JSON object of timm constructor arguments beside it, FILE with the suffix .json, is read as --backbone-kwargs",
     )
     group.add_argument(
+        "--pos-embed-resampling",
+        choices=POS_EMBED_RESAMPLINGS,
+        help="how a ViT's position embeddings are resampled to --input-size: timm (bicubic, antialiased; default), hf "
+        "(bicubic to the grid, as transformers today) or dino (DINO's scale factor of the grid + 0.1, as the "
+        "official FPT code through older transformers: use it to match its features)",
+    )
+    group.add_argument(
         "--backbone-kwargs",
         metavar="JSON",
         help="timm constructor arguments of the --backbone architecture, a JSON object or a .json file: e.g. "
@@ -499,12 +507,15 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     if args.backbone in ("demo", DEMO_BACKBONE):
         from fpt.demo import demo_backbone
 
-        if args.backbone_weights or getattr(args, "backbone_kwargs", None):
-            raise FPTError("--backbone demo comes with its own weights; drop --backbone-weights and --backbone-kwargs")
+        others = ("backbone_weights", "backbone_kwargs", "pos_embed_resampling")
+        if any(getattr(args, name, None) for name in others):
+            raise FPTError("--backbone demo comes with its own weights; drop the other --backbone options")
         return demo_backbone()
     weights = args.backbone_weights
     model_kwargs = _backbone_kwargs(getattr(args, "backbone_kwargs", None), weights)
-    return BackboneSpec(args.backbone, weights=weights, model_kwargs=model_kwargs).with_absolute_paths()
+    resampling = getattr(args, "pos_embed_resampling", None) or "timm"
+    spec = BackboneSpec(args.backbone, weights=weights, model_kwargs=model_kwargs, pos_embed_resampling=resampling)
+    return spec.with_absolute_paths()
 
 
 def _backbone_kwargs(given: str | None, weights: str | None) -> dict[str, Any]:

@@ -20,6 +20,8 @@ CONFIG_NAME = "config.json"
 
 Importance = Literal["global", "cls"]
 IMPORTANCE_RULES: tuple[str, ...] = ("global", "cls")
+PosEmbedResampling = Literal["timm", "hf", "dino"]
+POS_EMBED_RESAMPLINGS: tuple[str, ...] = ("timm", "hf", "dino")
 Pooling = Literal["cls", "mean", "cls+mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean", "cls+mean")
 FeatureNorm = Literal["standardize", "none"]
@@ -56,20 +58,37 @@ class BackboneSpec:
         weights: a local weights file (.safetensors, .pth, .pt, .bin) for the timm architecture ``name``.
             When given, nothing is downloaded.
         model_kwargs: extra timm constructor arguments (``depth``, ``embed_dim``, ...), for timm names.
+        pos_embed_resampling: how a ViT's position embeddings are resampled to the input grid: "timm" (bicubic
+            with antialiasing, timm's), "hf" (bicubic to the grid size without antialiasing, today's transformers)
+            or "dino" (bicubic by the scale factor (grid + 0.1) / pre-trained grid without antialiasing, as DINO,
+            older transformers and so the official FPT code do).
     """
 
     name: str
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pos_embed_resampling: PosEmbedResampling = "timm"
+
+    def __post_init__(self) -> None:
+        if self.pos_embed_resampling not in POS_EMBED_RESAMPLINGS:
+            raise FPTError(
+                f"pos_embed_resampling must be one of {', '.join(POS_EMBED_RESAMPLINGS)}, got "
+                f"'{self.pos_embed_resampling}'"
+            )
 
     def with_absolute_paths(self) -> BackboneSpec:
         """The same spec with local paths made absolute, so that saved runs work from any directory."""
         name = str(Path(self.name).expanduser().resolve()) if is_local_path(self.name) else self.name
         weights = str(Path(self.weights).expanduser().resolve()) if self.weights else None
-        return BackboneSpec(name, weights, dict(self.model_kwargs))
+        return replace(self, name=name, weights=weights, model_kwargs=dict(self.model_kwargs))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; the default resampling is left out, so that specs (and cache fingerprints) written before
+        the field existed stay equal."""
+        data = asdict(self)
+        if data["pos_embed_resampling"] == "timm":
+            del data["pos_embed_resampling"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:

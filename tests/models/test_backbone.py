@@ -177,3 +177,48 @@ def test_directory_without_config_is_refused(tmp_path: Path) -> None:
 def test_backbone_spec_round_trips_through_a_dict() -> None:
     spec = BackboneSpec("vit_small_patch16_224", weights="w.safetensors", model_kwargs={"depth": 6})
     assert BackboneSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_hf_resampling_gives_transformers_tokens_at_a_new_resolution(tmp_path: Path) -> None:
+    """A 32 px checkpoint read at 64 px: with --pos-embed-resampling hf the tokens are transformers' own
+    (``interpolate_pos_encoding=True``); timm's antialiased default gives other ones."""
+    hf_model = randomize_(transformers.ViTModel(_hf_config()), seed=11).eval()
+    hf_model.save_pretrained(tmp_path)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = hf_model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state
+        resampled = load_backbone(BackboneSpec(str(tmp_path), pos_embed_resampling="hf"), input_size=64)
+        torch.testing.assert_close(resampled.forward_features(images), expected, atol=1e-5, rtol=1e-4)
+        timm_way = load_backbone(BackboneSpec(str(tmp_path)), input_size=64).forward_features(images)
+    assert (timm_way - expected).abs().max() > 1e-3
+
+
+def test_dino_resampling_scales_the_grid_by_its_size_plus_a_tenth(tmp_path: Path) -> None:
+    """The official FPT code's (DINO's) formula: bicubic, scale factor (new grid + 0.1) / old grid, no
+    antialiasing; the CLS position embedding untouched."""
+    hf_model = randomize_(transformers.ViTModel(_hf_config()), seed=13).eval()
+    hf_model.save_pretrained(tmp_path)
+    original = load_backbone(BackboneSpec(str(tmp_path))).pos_embed.detach()
+
+    model = load_backbone(BackboneSpec(str(tmp_path), pos_embed_resampling="dino"), input_size=56)
+
+    grid = original[:, 1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
+    scaled = torch.nn.functional.interpolate(grid, scale_factor=(7.1 / 4, 7.1 / 4), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(model.pos_embed[:, 1:], scaled.permute(0, 2, 3, 1).reshape(1, 49, 48))
+    torch.testing.assert_close(model.pos_embed[:, :1], original[:, :1])
+    hf_way = load_backbone(BackboneSpec(str(tmp_path), pos_embed_resampling="hf"), input_size=56).pos_embed
+    assert 0 < (model.pos_embed - hf_way).abs().max() < 0.5
+    images = torch.randn(1, 3, 56, 56)
+    assert model.forward_features(images).shape == (1, 50, 48)
+
+
+def test_resampling_other_than_timm_is_recorded_and_refused_for_rotary_models(tmp_path: Path) -> None:
+    assert "pos_embed_resampling" not in BackboneSpec("x").to_dict()  # older fingerprints stay equal
+    spec = BackboneSpec("x", pos_embed_resampling="dino")
+    assert BackboneSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(Exception, match="pos_embed_resampling must be one of timm, hf, dino"):
+        BackboneSpec("x", pos_embed_resampling="nearest")
+    eva = BackboneSpec("vit_small_patch16_dinov3", model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    eva.pos_embed_resampling = "hf"
+    with pytest.raises(BackboneError, match="applies to ViT position embeddings"):
+        load_backbone(eva, pretrained=False, input_size=64)

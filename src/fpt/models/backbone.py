@@ -19,6 +19,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import GluMlp, Mlp, SwiGLU, SwiGLUPacked
 from timm.models import load_state_dict
@@ -35,11 +36,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _HF_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> LPM:
+def load_backbone(spec: BackboneSpec, pretrained: bool = True, input_size: int | None = None) -> LPM:
     """Build the LPM described by ``spec``, frozen and in eval mode.
 
     With ``pretrained=False`` the architecture is built with random weights and nothing is read or
-    downloaded except a local directory's ``config.json`` (enough for counting parameters).
+    downloaded except a local directory's ``config.json`` (enough for counting parameters). ``input_size``: the
+    side in pixels the LPM will read, where the spec resamples its position embeddings other than timm's way
+    (they are then resampled once, to that grid).
     """
     if spec.name == DEMO_BACKBONE:
         if spec.weights is not None:
@@ -54,7 +57,36 @@ def load_backbone(spec: BackboneSpec, pretrained: bool = True) -> LPM:
         if pretrained and spec.weights is not None:
             _load_weights_file(model, Path(spec.weights).expanduser(), spec.name)
     check_supported(model, spec.name)
+    if spec.pos_embed_resampling != "timm" and input_size is not None:
+        resample_position_embeddings(model, input_size, spec.pos_embed_resampling)
     return model.eval().requires_grad_(False)
+
+
+def resample_position_embeddings(model: LPM, input_size: int, method: str) -> None:
+    """Resample a ViT's patch position embeddings to the grid of ``input_size`` pixels in place, by ``method``
+    ("hf" or "dino": ``BackboneSpec.pos_embed_resampling``); timm then uses them as they are at that size."""
+    if not isinstance(model, VisionTransformer) or model.pos_embed is None:
+        raise BackboneError(
+            f"--pos-embed-resampling {method} applies to ViT position embeddings; this {type(model).__name__} has "
+            "none (rotary embeddings): leave it at timm"
+        )
+    patch = model.patch_embed.patch_size[0]
+    old, new = model.patch_embed.grid_size, (input_size // patch, input_size // patch)
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    embeddings = model.pos_embed.detach()
+    grid = embeddings[:, prefix:].float().reshape(1, *old, -1).permute(0, 3, 1, 2)
+    if method == "hf":
+        grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    else:  # DINO's: the scale factor of a grid 0.1 larger, which avoids a floating-point rounding of the size
+        scale = ((new[0] + 0.1) / old[0], (new[1] + 0.1) / old[1])
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(grid.shape[-2:]) != new:
+            raise BackboneError(f"DINO-style resampling of a {old} grid gave {tuple(grid.shape[-2:])}, not {new}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1).to(embeddings.dtype)
+    model.pos_embed = nn.Parameter(torch.cat([embeddings[:, :prefix], grid], dim=1), requires_grad=False)
+    model.patch_embed.img_size = (input_size, input_size)
+    model.patch_embed.grid_size = new
+    model.patch_embed.num_patches = new[0] * new[1]
 
 
 def demo_lpm_directory() -> Path:

@@ -98,7 +98,7 @@ class BaselineViT(TransferModel):
     def from_config(cls, config: MethodConfig, load_lpm: bool = True, pretrained_lpm: bool = True) -> BaselineViT:
         """The baseline of ``config`` (always with its LPM, which it trains through), with the LPM's pre-trained
         weights unless ``pretrained_lpm`` is False."""
-        return cls(config, load_backbone(config.backbone, pretrained=pretrained_lpm))
+        return cls(config, load_backbone(config.backbone, pretrained=pretrained_lpm, input_size=config.lpm_input_size))
 
     def forward(self, images: Tensor) -> Tensor:
         """High-resolution images [B, C, S, S] -> logits [B, num_classes]."""

@@ -92,7 +92,7 @@ class FPTModel(TransferModel):
     def from_config(cls, config: FPTConfig, load_lpm: bool = True, pretrained_lpm: bool = True) -> FPTModel:
         if not load_lpm:
             return cls(config, _geometry_of(config))
-        backbone = load_backbone(config.backbone, pretrained=pretrained_lpm)
+        backbone = load_backbone(config.backbone, pretrained=pretrained_lpm, input_size=config.lpm_input_size)
         geometry = LPMGeometry.from_model(backbone)
         tapped_layers = config.resolved_tapped_layers(geometry.depth)
         encoder = FrozenEncoder(backbone, tapped_layers, config.token_ratio, config.importance, config.select_registers)

@@ -153,7 +153,7 @@ class LinearProbeModel(TransferModel):
             with torch.device("meta"):
                 geometry = LPMGeometry.from_model(load_backbone(config.backbone, pretrained=False))
             return cls(config, geometry)
-        backbone = load_backbone(config.backbone, pretrained=pretrained_lpm)
+        backbone = load_backbone(config.backbone, pretrained=pretrained_lpm, input_size=config.lpm_input_size)
         return cls(config, LPMGeometry.from_model(backbone), PooledEncoder(backbone, config.pooling))
 
     def forward(self, embeddings: Tensor) -> Tensor:
