@@ -222,3 +222,21 @@ def test_resampling_other_than_timm_is_recorded_and_refused_for_rotary_models(tm
     eva.pos_embed_resampling = "hf"
     with pytest.raises(BackboneError, match="applies to ViT position embeddings"):
         load_backbone(eva, pretrained=False, input_size=64)
+
+
+def test_a_masked_autoencoder_checkpoint_loads_without_its_decoder(tmp_path: Path) -> None:
+    """RETFound-MAE-class weights: the encoder under "model", with the MAE decoder and mask token beside it."""
+    source = randomize_(timm.create_model(TINY_ARCH, num_classes=0, **TINY_KWARGS), seed=21)
+    state = {
+        **source.state_dict(),
+        "mask_token": torch.zeros(1, 1, 64),
+        "decoder_embed.weight": torch.zeros(32, 64),
+        "decoder_blocks.0.attn.qkv.weight": torch.zeros(96, 32),
+        "decoder_pred.weight": torch.zeros(48, 32),
+    }
+    save_file(state, tmp_path / "mae.safetensors")
+
+    model = load_backbone(BackboneSpec(TINY_ARCH, str(tmp_path / "mae.safetensors"), dict(TINY_KWARGS)))
+
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model.forward_features(images), source.eval().forward_features(images))

@@ -147,7 +147,10 @@ def _load_weights_file(model: LPM, path: Path, name: str) -> None:
     if path.suffix not in WEIGHT_SUFFIXES:
         raise BackboneError(f"weights file {path} has suffix '{path.suffix}'; expected one of {WEIGHT_SUFFIXES}")
     checkpoint_filter = eva_checkpoint_filter_fn if isinstance(model, Eva) else checkpoint_filter_fn
-    load_vit_state_dict(model, checkpoint_filter(_read_state_dict(path), model), str(path), name)
+    state_dict = checkpoint_filter(_read_state_dict(path), model)
+    # a masked autoencoder's pre-training checkpoint (RETFound-MAE) also holds its decoder, which fpt never runs
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("decoder")}
+    load_vit_state_dict(model, state_dict, str(path), name)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
