@@ -124,15 +124,3 @@ def test_bad_backbone_kwargs_are_one_line_errors(
     arguments = ["info", "--backbone", "vit_small_patch16_224", "--backbone-kwargs", kwargs, "--num-classes", "2"]
     assert main(arguments) == 1
     assert expected in one_line_error(capsys)
-
-
-def test_weights_of_another_architecture_name_both_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], image_data: Path
-) -> None:
-    weights = tmp_path / "large.safetensors"
-    save_file(timm.create_model("vit_small_patch16_224", embed_dim=96, depth=3, num_heads=4).state_dict(), weights)
-    arguments = ["preload", str(image_data), "--backbone", "vit_small_patch16_224", "--backbone-weights", str(weights)]
-    assert main([*arguments, "--backbone-kwargs", json.dumps(TINY), "--cache", str(tmp_path / "c")]) == 1
-    error = one_line_error(capsys)
-    assert "(width 96, 3 blocks, patch 16) do not fit the architecture vit_small_patch16_224" in error
-    assert "(width 64, 2 blocks, patch 16)" in error

@@ -99,8 +99,10 @@ def test_weights_of_another_architecture_name_the_mismatch(
     args = ["train", str(image_data), "--backbone", "vit_tiny_patch16_224"]
     args += ["--backbone-weights", str(tmp_path / "small.safetensors"), "--input-size", "64"]
     error = error_of(capsys, *args, *cli_run_args(tmp_path / "cache"), "--run", str(tmp_path / "run"))
-    assert "small.safetensors have other shapes than the architecture" in error
-    assert "check that --backbone names the architecture" in error
+    assert "small.safetensors (width 384, 12 blocks, patch 16) do not fit" in error
+    assert "the architecture vit_tiny_patch16_224" in error
+    assert "(width 192, 12 blocks, patch 16)" in error
+    assert "pass the architecture they were trained with as --backbone" in error
 
 
 class _Payload:

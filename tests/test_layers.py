@@ -84,7 +84,15 @@ def depends_on(name: str) -> set[str]:
         ("fpt.cache", {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.quantization"}),  # storage: no models or data
         (
             "fpt.data.loaders",
-            {"fpt.config", "fpt.errors", "fpt.runtime", "fpt.data.datasets", "fpt.data.images", "fpt.distributed"},
+            {
+                "fpt.config",
+                "fpt.errors",
+                "fpt.runtime",
+                "fpt.data.datasets",
+                "fpt.data.images",
+                "fpt.data.dicom",
+                "fpt.distributed",
+            },
         ),  # the ranks a training loader shares its batches among
     ],
 )

@@ -479,9 +479,9 @@ def _add_backbone_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
     group.add_argument(
         "--pos-embed-resampling",
         choices=POS_EMBED_RESAMPLINGS,
-        help="how a ViT's position embeddings are resampled to --input-size: timm (bicubic, antialiased; default), hf "
-        "(bicubic to the grid, as transformers today) or dino (DINO's scale factor of the grid + 0.1, as the "
-        "official FPT code through older transformers: use it to match its features)",
+        help="how a ViT's position embeddings are resampled to --input-size: timm (bicubic, antialiased; default), "
+        "hf (bicubic to the grid without antialiasing, as transformers' ViT today) or dino (DINO's scale factor of "
+        "the grid + 0.1, as the official FPT code through older transformers: use it to match its features)",
     )
     group.add_argument(
         "--backbone-kwargs",
@@ -507,9 +507,12 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     if args.backbone in ("demo", DEMO_BACKBONE):
         from fpt.demo import demo_backbone
 
-        others = ("backbone_weights", "backbone_kwargs", "pos_embed_resampling")
-        if any(getattr(args, name, None) for name in others):
-            raise FPTError("--backbone demo comes with its own weights; drop the other --backbone options")
+        resampling = getattr(args, "pos_embed_resampling", None)
+        if args.backbone_weights or getattr(args, "backbone_kwargs", None) or resampling not in (None, "timm"):
+            raise FPTError(
+                "--backbone demo comes with its own weights and architecture; drop --backbone-weights, "
+                "--backbone-kwargs and --pos-embed-resampling"
+            )
         return demo_backbone()
     weights = args.backbone_weights
     model_kwargs = _backbone_kwargs(getattr(args, "backbone_kwargs", None), weights)

@@ -59,7 +59,7 @@ class BackboneSpec:
             When given, nothing is downloaded.
         model_kwargs: extra timm constructor arguments (``depth``, ``embed_dim``, ...), for timm names.
         pos_embed_resampling: how a ViT's position embeddings are resampled to the input grid: "timm" (bicubic
-            with antialiasing, timm's), "hf" (bicubic to the grid size without antialiasing, today's transformers)
+            with antialiasing, timm's), "hf" (bicubic to the grid size without antialiasing, transformers' ViT's)
             or "dino" (bicubic by the scale factor (grid + 0.1) / pre-trained grid without antialiasing, as DINO,
             older transformers and so the official FPT code do).
     """
@@ -143,7 +143,7 @@ class MethodConfig:
             raise FPTError(f"{len(self.class_names)} class names given for {self.num_classes} classes")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
+        return {"method": self.method, **asdict(self), "backbone": self.backbone.to_dict()}
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME

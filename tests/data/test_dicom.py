@@ -183,3 +183,72 @@ def test_train_and_predict_on_dicom(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     assert main(["predict", str(run), str(_real("SC_rgb_rle_2frame.dcm")), "--device", "cpu"]) == 1
     assert "has 2 frames" in one_line_error(capsys)
+
+
+def test_uncompressed_ybr_422_is_not_mistaken_for_a_truncated_file() -> None:
+    """YBR_FULL_422 stores two bytes per pixel, not three: the expected length is pydicom's, not rows × cols × 3."""
+    name = "SC_ybr_full_422_uncompressed.dcm"
+    image = load_image(_real(name))
+    assert image.shape == (3, 100, 100)
+    assert unreadable_images(_real(name).parent, [name]) == {}
+
+
+@pytest.mark.parametrize("name", ["badVR.dcm", "nested_priv_SQ.dcm"])
+def test_malformed_headers_are_listed_as_unreadable_not_raised(name: str) -> None:
+    problems = unreadable_images(_real(name).parent, [name])
+    assert list(problems) == [name] and "DICOM" in problems[name]
+
+
+def _with_voi_lut(tmp_path: Path, entries: int, first: int, bits: int, table: list[int]) -> Path:
+    dataset = pydicom.dcmread(_real("MR_small.dcm"))
+    pixels = np.zeros((64, 64), dtype=np.int16)
+    pixels[0, :4] = [first - 10, first, first + 256, first + 4000]
+    dataset.PixelData = pixels.tobytes()
+    item = pydicom.Dataset()
+    item.add_new(0x00283002, "US", [entries, first, bits])  # LUT Descriptor
+    item.add_new(0x00283006, "US", table)  # LUT Data
+    dataset.VOILUTSequence = pydicom.Sequence([item])
+    dataset.save_as(tmp_path / "lut.dcm")
+    return tmp_path / "lut.dcm"
+
+
+def test_a_voi_lut_maps_through_its_table_by_its_entries_bit_depth(tmp_path: Path) -> None:
+    """An 8-bit table of 4096 entries (legal: the depth describes the entries, not the index range); values
+    below or above the table take its first or last entry."""
+    table = [min(255, index // 16) for index in range(4096)]
+    image = load_image(_with_voi_lut(tmp_path, 4096, 100, 8, table))
+    assert image[0, 0, :4].tolist() == pytest.approx([0.0, 0.0, 16 / 255, 250 / 255])
+
+
+def test_pixel_padding_is_black_and_left_out_of_the_image_s_range(tmp_path: Path) -> None:
+    dataset = pydicom.dcmread(_real("CT_small.dcm"))
+    pixels = dataset.pixel_array.copy()
+    pixels[:10] = -2000  # outside the scanned circle
+    dataset.PixelData = pixels.tobytes()
+    dataset.PixelPaddingValue = -2000
+    dataset.save_as(tmp_path / "padded.dcm")
+    image = load_image(tmp_path / "padded.dcm")
+    assert float(image[0, :10].max()) == 0.0
+    inside = image[0, 10:]
+    assert float(inside.min()) == 0.0 and float(inside.max()) == 1.0  # the padding did not set the range
+
+
+def test_presentation_lut_inverse_is_inverted_like_monochrome1(tmp_path: Path) -> None:
+    dataset = pydicom.dcmread(_real("MR_small.dcm"))
+    dataset.PresentationLUTShape = "INVERSE"
+    dataset.save_as(tmp_path / "inverse.dcm")
+    torch.testing.assert_close(load_image(tmp_path / "inverse.dcm"), 1 - load_image(_real("MR_small.dcm")))
+
+
+def test_a_non_positive_window_width_names_the_file(tmp_path: Path) -> None:
+    dataset = pydicom.dcmread(_real("MR_small.dcm"))
+    dataset.WindowWidth = 0
+    dataset.save_as(tmp_path / "zero.dcm")
+    with pytest.raises(FPTError, match=r"zero\.dcm: DICOM window width 0.0 is not positive"):
+        load_image(tmp_path / "zero.dcm")
+
+
+def test_uid_named_files_are_recognised(tmp_path: Path) -> None:
+    shutil.copy(_real("MR_small.dcm"), tmp_path / "1.2.840.113619.2.55.3.7")
+    (tmp_path / "notes.txt").write_text("x")
+    assert is_dicom_file(tmp_path / "1.2.840.113619.2.55.3.7") and not is_dicom_file(tmp_path / "notes.txt")

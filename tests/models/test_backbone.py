@@ -220,7 +220,7 @@ def test_resampling_other_than_timm_is_recorded_and_refused_for_rotary_models(tm
         BackboneSpec("x", pos_embed_resampling="nearest")
     eva = BackboneSpec("vit_small_patch16_dinov3", model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
     eva.pos_embed_resampling = "hf"
-    with pytest.raises(BackboneError, match="applies to ViT position embeddings"):
+    with pytest.raises(BackboneError, match="VisionTransformer models; this backbone is a Eva"):
         load_backbone(eva, pretrained=False, input_size=64)
 
 
@@ -240,3 +240,38 @@ def test_a_masked_autoencoder_checkpoint_loads_without_its_decoder(tmp_path: Pat
 
     images = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(model.forward_features(images), source.eval().forward_features(images))
+
+
+def test_every_resampling_leaves_the_embeddings_alone_at_the_checkpoint_s_own_size(tmp_path: Path) -> None:
+    """DINO's formula returns the pre-trained embeddings unchanged at their own grid, as the official code does."""
+    transformers.ViTModel(_hf_config()).save_pretrained(tmp_path)
+    original = load_backbone(BackboneSpec(str(tmp_path))).pos_embed
+    for method in ("hf", "dino"):
+        model = load_backbone(BackboneSpec(str(tmp_path), pos_embed_resampling=method), input_size=32)
+        torch.testing.assert_close(model.pos_embed, original, atol=0, rtol=0)
+
+
+def test_a_sparse_hugging_face_config_takes_the_family_s_defaults(tmp_path: Path) -> None:
+    """Older transformers wrote a SigLIP vision_config as its difference from the defaults."""
+    from fpt.models.backbone import vit_from_hf_config
+
+    model = vit_from_hf_config({"model_type": "siglip_vision_model", "num_hidden_layers": 2})
+    assert model.blocks[0].norm1.eps == 1e-6 and model.embed_dim == 768 and len(model.blocks) == 2
+    assert type(model.blocks[0].mlp.act).__name__ == "GELUTanh"
+
+
+def test_sharded_hugging_face_checkpoints_are_read(tmp_path: Path) -> None:
+    hf_model = randomize_(transformers.ViTModel(_hf_config()), seed=31).eval()
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = load_backbone(BackboneSpec(str(tmp_path)))
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf_model(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(model.forward_features(images), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_backbone_kwargs_are_refused_for_hugging_face_directories(tmp_path: Path) -> None:
+    transformers.ViTModel(_hf_config()).save_pretrained(tmp_path)
+    with pytest.raises(BackboneError, match="--backbone-kwargs applies to timm architectures"):
+        load_backbone(BackboneSpec(str(tmp_path), model_kwargs={"depth": 2}))

@@ -205,3 +205,22 @@ def test_a_hugging_face_dinov2_config_builds_timm_s_layout() -> None:
     model = vit_from_hf_config({**_hf_dinov2_config(registers=4).to_dict(), "model_type": "dinov2_with_registers"})
     assert model.num_prefix_tokens == 5 and model.no_embed_class
     assert model.blocks[0].ls1.gamma.shape == (48,)
+
+
+def test_a_distillation_token_is_not_a_register() -> None:
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=1)
+    assert model.num_prefix_tokens == 2 and len(register_positions(model)) == 0
+
+
+def test_the_kept_count_is_a_share_of_the_candidate_tokens() -> None:
+    """T = int((N - registers) × ratio) by default, int(N × ratio) with the registers as candidates; never a
+    register, even at a ratio of 1."""
+    model, size = _timm_lpm("uni2-class")  # 9 prefix tokens (CLS + 8 registers) + 16 patches
+    geometry = LPMGeometry.from_model(model)
+    images = torch.randn(1, 3, size, size)
+    for select, expected in ((False, 17), (True, 25)):
+        features = FrozenEncoder(model, [1], token_ratio=1.0, select_registers=select)(images)
+        assert features.keys.shape[3] == expected == geometry.feature_shape(1, size, 1.0, select)[2]
+    assert not ((features.token_indices >= 1) & (features.token_indices < 9)).all()
+    kept = FrozenEncoder(model, [1], token_ratio=1.0)(images).token_indices
+    assert not ((kept >= 1) & (kept < 9)).any()

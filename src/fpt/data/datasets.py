@@ -142,10 +142,11 @@ def _read_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]], list[
             files = sorted(
                 p for p in class_dir.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(class_dir).parent)
             )
-            images = [p for p in files if is_image_file(p)]
-            ignored += [p.relative_to(root).as_posix() for p in files if not is_image_file(p)]
+            readable = [is_image_file(p) for p in files]  # once per file: a suffix-less one is opened to check
+            images = [p for p, image in zip(files, readable, strict=True) if image]
+            ignored += [p.relative_to(root).as_posix() for p, image in zip(files, readable, strict=True) if not image]
             if not images:
-                raise FPTError(f"class folder {class_dir} has no images (.jpg .png .tif .bmp); add some or remove it")
+                raise FPTError(f"class folder {class_dir} has no images ({SUPPORTED_FORMATS}); add some or remove it")
             splits[name] += [Sample(p.relative_to(root).as_posix(), label) for p in images]
     return classes, splits, ignored
 

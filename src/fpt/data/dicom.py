@@ -19,6 +19,7 @@ from fpt.errors import FPTError
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _PREAMBLE = 128  # bytes before the "DICM" marker of a DICOM Part 10 file
+PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -26,7 +27,8 @@ def is_dicom_file(path: Path) -> bool:
     often write files named IM0001 with no suffix)."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    if path.suffix or not path.is_file():
+    # no suffix, or the last number of a UID-named file (1.2.840.113619.2.55.3.604688119.7)
+    if (path.suffix and not path.suffix[1:].isdigit()) or not path.is_file():
         return False
     try:
         with open(path, "rb") as file:
@@ -55,7 +57,11 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         return _colour(rgb, 8 * rgb.dtype.itemsize)
     if pixels.ndim == 3:  # RGB, or YBR that pydicom has converted to RGB
         return _colour(pixels, int(dataset.get("BitsStored", 8)))
-    return np.repeat(_monochrome(dataset, pixels, photometric)[:, :, None], 3, axis=2)
+    try:
+        shown = _monochrome(dataset, pixels, photometric)
+    except FPTError as error:
+        raise FPTError(f"DICOM {path}: {error}") from None
+    return np.repeat(shown[:, :, None], 3, axis=2)
 
 
 def read_dicom_header(path: str | Path):
@@ -72,18 +78,25 @@ def read_dicom_header(path: str | Path):
         raise FPTError(f"cannot read image {path}: permission denied; fix its permissions") from None
     except (InvalidDicomError, OSError, ValueError, EOFError) as error:
         raise FPTError(f"cannot read DICOM {path} ({error}); replace it with a readable copy") from None
-    if "PixelData" not in dataset:
+    if not any(name in dataset for name in PIXEL_DATA):
         kind = dataset.get("Modality") or dataset.get("SOPClassUID", "unknown")
         raise FPTError(f"DICOM {path} holds no image (modality {kind}); list only image files")
-    syntax = dataset.file_meta.get("TransferSyntaxUID")
-    if syntax is not None and not syntax.is_compressed:  # native pixel data: its length is known from the header
-        expected = dataset.Rows * dataset.Columns * dataset.get("SamplesPerPixel", 1) * dataset.BitsAllocated // 8
-        if len(dataset.PixelData) < expected:
-            raise FPTError(
-                f"DICOM {path} is truncated: {len(dataset.PixelData)} bytes of pixel data for a {dataset.Rows}×"
-                f"{dataset.Columns} image of {expected} bytes; replace it with a complete copy"
-            )
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        if "PixelData" in dataset and syntax is not None and not syntax.is_compressed:  # its length is known
+            from pydicom.pixels.utils import get_expected_length
+
+            expected = get_expected_length(dataset, "bytes")
+            if len(dataset.PixelData) < expected:
+                raise FPTError(
+                    f"DICOM {path} is truncated: {len(dataset.PixelData)} bytes of pixel data where its header "
+                    f"says {expected}; replace it with a complete copy"
+                )
+    except FPTError:
+        raise
+    except Exception as error:  # a malformed header: a missing Rows, a non-numeric NumberOfFrames
+        raise FPTError(f"DICOM {path} has a malformed image header ({type(error).__name__}: {error})") from None
     if frames > 1:
         raise FPTError(
             f"DICOM {path} has {frames} frames; fpt classifies single images: export the frame you need as its own "
@@ -101,21 +114,49 @@ def _colour(pixels: np.ndarray, bits: int) -> np.ndarray:
 
 def _monochrome(dataset, pixels: np.ndarray, photometric: str) -> np.ndarray:
     """[H, W] float32 in [0, 1]: modality transform, then VOI (LUT, window or the image's own range)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     values = apply_modality_lut(pixels, dataset).astype(np.float32)
-    if "VOILUTSequence" in dataset:
-        descriptor = dataset.VOILUTSequence[0].LUTDescriptor
-        shown = apply_voi_lut(values, dataset, index=0, prefer_lut=True).astype(np.float32) / float(
-            2 ** int(descriptor[2]) - 1
-        )
+    padding = _padding_mask(dataset, pixels)
+    if dataset.get("VOILUTSequence"):
+        shown = _voi_lut(values, dataset.VOILUTSequence[0])
     elif "WindowCenter" in dataset and "WindowWidth" in dataset:
         shown = _window(values, _first(dataset.WindowCenter), _first(dataset.WindowWidth), dataset)
-    else:
-        low, high = float(values.min()), float(values.max())
+    else:  # the image's own range, without the padding outside the scanned area
+        inside = values[~padding] if padding is not None and not padding.all() else values
+        low, high = float(inside.min()), float(inside.max())
         shown = (values - low) / (high - low) if high > low else np.zeros_like(values)
     shown = shown.clip(0.0, 1.0)
-    return 1.0 - shown if photometric == "MONOCHROME1" else shown
+    inverted = photometric == "MONOCHROME1" or str(dataset.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    shown = 1.0 - shown if inverted else shown
+    if padding is not None:
+        shown[padding] = 0.0  # padding is shown black, whatever the window
+    return shown
+
+
+def _padding_mask(dataset, pixels: np.ndarray) -> np.ndarray | None:
+    """Where the stored values are Pixel Padding Value (outside the scanned area), or None."""
+    if "PixelPaddingValue" not in dataset:
+        return None
+    padding = int(dataset.PixelPaddingValue)
+    if "PixelPaddingRangeLimit" in dataset:
+        low, high = sorted((padding, int(dataset.PixelPaddingRangeLimit)))
+        return (pixels >= low) & (pixels <= high)
+    return pixels == padding
+
+
+def _voi_lut(values: np.ndarray, item) -> np.ndarray:
+    """A VOI LUT table (PS3.3 C.11.2.1.1): values below/above its first/last entry take that entry; onto [0, 1]
+    by the entries' bit depth."""
+    entries, first, bits = (int(n) for n in item.LUTDescriptor)
+    data = item.LUTData  # a list of numbers (VR US), one number, or 16-bit words (VR OW)
+    if isinstance(data, bytes):
+        table = np.frombuffer(data, dtype="<u2").astype(np.float64)
+    else:
+        table = np.atleast_1d(np.asarray(data, dtype=np.float64))
+    entries = entries or 65536  # 0 means 2**16 entries
+    index = np.clip(np.rint(values.astype(np.float64)) - first, 0, min(entries, len(table)) - 1).astype(np.int64)
+    return (table[index] / float(2**bits - 1)).astype(np.float32)
 
 
 def _first(value) -> float:
@@ -128,6 +169,8 @@ def _first(value) -> float:
 def _window(values: np.ndarray, centre: float, width: float, dataset) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2: the VOI LUT function (LINEAR, LINEAR_EXACT or SIGMOID) onto [0, 1]."""
     function = str(dataset.get("VOILUTFunction", "LINEAR")).upper()
+    if width <= 0:
+        raise FPTError(f"DICOM window width {width} is not positive")
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
     if function == "LINEAR_EXACT":

@@ -67,11 +67,13 @@ def resample_position_embeddings(model: LPM, input_size: int, method: str) -> No
     ("hf" or "dino": ``BackboneSpec.pos_embed_resampling``); timm then uses them as they are at that size."""
     if not isinstance(model, VisionTransformer) or model.pos_embed is None:
         raise BackboneError(
-            f"--pos-embed-resampling {method} applies to ViT position embeddings; this {type(model).__name__} has "
-            "none (rotary embeddings): leave it at timm"
+            f"--pos-embed-resampling {method} applies to the position embeddings of timm VisionTransformer models; "
+            f"this backbone is a {type(model).__name__}: leave it at timm"
         )
     patch = model.patch_embed.patch_size[0]
     old, new = model.patch_embed.grid_size, (input_size // patch, input_size // patch)
+    if tuple(old) == new:  # every method leaves the embeddings as they are at their own size
+        return
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     embeddings = model.pos_embed.detach()
     grid = embeddings[:, prefix:].float().reshape(1, *old, -1).permute(0, 3, 1, 2)
@@ -218,6 +220,11 @@ def _load_local_directory(path: Path, spec: BackboneSpec, pretrained: bool) -> n
     if "architecture" in config:
         return _create_timm(f"local-dir:{path}", spec, pretrained=pretrained)
     if config.get("model_type") in HF_MODEL_TYPES:
+        if spec.model_kwargs:
+            raise BackboneError(
+                f"{path} is a Hugging Face checkpoint, built from its config.json; --backbone-kwargs applies to timm "
+                "architectures: drop it (or edit config.json)"
+            )
         return vit_from_hf_directory(path, config, pretrained)
     raise BackboneError(
         f"{config_file} is neither a timm config (key 'architecture') nor a Hugging Face config of a model fpt reads "
@@ -352,10 +359,31 @@ def hf_state_dict_to_timm(state_dict: dict[str, torch.Tensor], model_type: str =
     return converted
 
 
+# each family's config defaults in transformers: configs written by older versions leave out what equals them
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vit": {"hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16},
+    "dinov2": {"hidden_act": "gelu", "layer_norm_eps": 1e-6, "image_size": 224, "patch_size": 14, "mlp_ratio": 4},
+    "siglip_vision_model": {
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "image_size": 224,
+        "patch_size": 16,
+    },
+}
+_HF_COMMON_DEFAULTS = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+}
+
+
 def vit_from_hf_config(config: dict[str, Any]) -> VisionTransformer:
     """A randomly initialised timm ViT with the geometry of a Hugging Face ViT, DINOv2 (with or without registers)
-    or SigLIP vision config dict (``model_type`` says which)."""
+    or SigLIP vision config dict (``model_type`` says which); fields it leaves out take transformers' defaults."""
     model_type = config.get("model_type", "vit")
+    family = "dinov2" if model_type.startswith("dinov2") else model_type
+    config = {**_HF_COMMON_DEFAULTS, **_HF_DEFAULTS.get(family, {}), **config}
     activation = config.get("hidden_act", "gelu")
     if activation not in _HF_ACTIVATIONS:
         raise BackboneError(f"Hugging Face {model_type} activation '{activation}' is not supported")
@@ -422,8 +450,22 @@ def vit_from_hf_directory(path: Path, config: dict[str, Any], pretrained: bool) 
     }
     if not pretrained:
         return model
-    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
-    if weights is None:
-        raise BackboneError(f"{path} has a config.json but neither model.safetensors nor pytorch_model.bin")
-    load_vit_state_dict(model, hf_state_dict_to_timm(_read_state_dict(weights), model_type), str(weights))
+    files = _hf_weight_files(path)
+    state_dict = {key: value for file in files for key, value in _read_state_dict(file).items()}
+    load_vit_state_dict(model, hf_state_dict_to_timm(state_dict, model_type), str(files[0]))
     return model
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    """The weight files of a Hugging Face directory: one file, or the shards its index lists."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            missing = [name for name in shards if not (path / name).is_file()]
+            if missing:
+                raise BackboneError(f"{path / index} lists shards that are not there: {', '.join(missing)}")
+            return [path / name for name in shards]
+    raise BackboneError(f"{path} has a config.json but neither model.safetensors nor pytorch_model.bin (nor shards)")

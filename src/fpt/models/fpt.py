@@ -107,7 +107,9 @@ class FPTModel(TransferModel):
     def feature_layout(self) -> dict[str, tuple[int, ...]]:
         """``keys`` and ``values``, each [L, H, T, d_head]."""
         config = self.config
-        shape = self.geometry.feature_shape(len(config.tapped_layers), config.lpm_input_size, config.token_ratio)
+        shape = self.geometry.feature_shape(
+            len(config.tapped_layers), config.lpm_input_size, config.token_ratio, config.select_registers
+        )
         return {"keys": shape, "values": shape}
 
     def feature_settings(self) -> dict[str, Any]:

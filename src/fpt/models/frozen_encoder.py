@@ -53,9 +53,13 @@ class LPMGeometry:
         """N: prefix tokens (CLS, registers) plus patches for a square input of ``input_size`` pixels."""
         return self.num_prefix_tokens + (input_size // self.patch_size) ** 2
 
-    def feature_shape(self, num_layers: int, input_size: int, token_ratio: float) -> tuple[int, int, int, int]:
-        """[L, H, T, d_head]: the shape of one image's selected keys (and values) at ``input_size`` pixels."""
-        kept = num_important_tokens(self.num_tokens(input_size), token_ratio)
+    def feature_shape(
+        self, num_layers: int, input_size: int, token_ratio: float, select_registers: bool = False
+    ) -> tuple[int, int, int, int]:
+        """[L, H, T, d_head]: the shape of one image's selected keys (and values) at ``input_size`` pixels; T counts
+        the candidate tokens (the registers only with ``select_registers``)."""
+        excluded = 0 if select_registers else self.num_register_tokens
+        kept = num_important_tokens(self.num_tokens(input_size) - excluded, token_ratio)
         return (num_layers, self.num_heads, kept, self.head_dim)
 
 
@@ -117,9 +121,9 @@ def gather_tokens(states: Tensor, indices: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class TokenSelection:
-    """What a method keeps of a frozen LPM: the keys/values of the top ``token_ratio`` of tokens per head, by
-    ``importance`` ("global": mean attention received; "cls": attention from the CLS token), at each tapped
-    block (increasing indices). Register tokens are candidates only with ``select_registers``."""
+    """What a method keeps of a frozen LPM: the keys/values of the top ``token_ratio`` of the candidate tokens per
+    head, by ``importance`` ("global": mean attention received; "cls": attention from the CLS token), at each
+    tapped block (increasing indices). Register tokens are candidates only with ``select_registers``."""
 
     tapped_layers: tuple[int, ...]
     token_ratio: float
@@ -157,7 +161,7 @@ class TokenSelection:
         v: Tensor,
         scale: float,
     ) -> None:
-        num_kept = num_important_tokens(q.shape[2], self.token_ratio)
+        num_kept = num_important_tokens(q.shape[2] - len(excluded), self.token_ratio)
         importance = received_attention(q, k, scale, self.importance)
         importance[:, :, excluded.start : excluded.stop] = -torch.inf
         indices = important_token_indices(importance, num_kept)

@@ -53,8 +53,11 @@ def has_class_token(model: LPM) -> bool:
 
 
 def register_positions(model: LPM) -> range:
-    """Positions of the register tokens in the LPM's token sequence: after the CLS token, before the patches."""
-    return range(int(has_class_token(model)), model.num_prefix_tokens)
+    """Positions of the register tokens in the LPM's token sequence: right after the CLS token (other prefix
+    tokens, such as a distilled DeiT's distillation token, are not registers)."""
+    registers = getattr(model, "reg_token", None)
+    start = int(has_class_token(model))
+    return range(start, start + (registers.shape[1] if registers is not None else 0))
 
 
 def tap_attention(attn: nn.Module, callback: QKVCallback) -> RemovableHandle:
