@@ -143,16 +143,8 @@ def test_geometry_counts_registers_apart_from_the_cls_token() -> None:
 def _hf_dinov2_config(registers: int = 0, swiglu: bool = False) -> transformers.PretrainedConfig:
     config_class = transformers.Dinov2WithRegistersConfig if registers else transformers.Dinov2Config
     extra = {"num_register_tokens": registers} if registers else {}
-    return config_class(
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=56,
-        patch_size=14,
-        layerscale_value=0.3,
-        use_swiglu_ffn=swiglu,
-        **extra,
-    )
+    geometry = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 56, "patch_size": 14}
+    return config_class(**geometry, layerscale_value=0.3, use_swiglu_ffn=swiglu, **extra)
 
 
 def _hf_models() -> dict[str, tuple[Any, int]]:
