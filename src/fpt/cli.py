@@ -756,7 +756,10 @@ def _run_info(args: argparse.Namespace) -> int:
     from fpt.info import format_model_info, model_info
     from fpt.models.build import build_model
 
-    info = model_info(build_model(config_from_args(args), pretrained_lpm=False))
+    import torch
+
+    with torch.device("meta"):  # counting needs shapes only: no memory, no random initialisation of a large LPM
+        info = model_info(build_model(config_from_args(args), pretrained_lpm=False))
     print(json.dumps(info.to_dict(), indent=2) if args.json else format_model_info(info))
     return 0
 
