@@ -753,10 +753,10 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    import torch
+
     from fpt.info import format_model_info, model_info
     from fpt.models.build import build_model
-
-    import torch
 
     with torch.device("meta"):  # counting needs shapes only: no memory, no random initialisation of a large LPM
         info = model_info(build_model(config_from_args(args), pretrained_lpm=False))

@@ -216,3 +216,12 @@ def test_the_kept_count_is_a_share_of_the_candidate_tokens() -> None:
     assert not ((features.token_indices >= 1) & (features.token_indices < 9)).all()
     kept = FrozenEncoder(model, [1], token_ratio=1.0)(images).token_indices
     assert not ((kept >= 1) & (kept < 9)).any()
+
+
+@pytest.mark.parametrize("name", ["dinov2-registers", "siglip-vision"])
+def test_hugging_face_models_have_no_state_outside_their_checkpoint(name: str) -> None:
+    """They are built without initialisation and filled from the checkpoint, which must then hold every tensor:
+    no buffer may live outside the state dict (a missing key is refused at load time)."""
+    hf_model, _ = _hf_models()[name]
+    model = vit_from_hf_config({**hf_model.config.to_dict(), "model_type": hf_model.config.model_type})
+    assert {name for name, _ in model.named_buffers()} <= set(model.state_dict())

@@ -440,7 +440,11 @@ def vit_from_hf_directory(path: Path, config: dict[str, Any], pretrained: bool) 
     if config.get("model_type") == "siglip":
         config = {"model_type": "siglip_vision_model", **config.get("vision_config", {})}
     model_type = config.get("model_type", "vit")
-    model = vit_from_hf_config(config)
+    if pretrained:  # every parameter is overwritten by the checkpoint: no random initialisation (seconds for a ViT-L)
+        with torch.device("meta"):
+            model = vit_from_hf_config(config).to_empty(device="cpu")
+    else:
+        model = vit_from_hf_config(config)
     processor_file = path / "preprocessor_config.json"
     processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
     mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if model_type.startswith("dinov2") else ([0.5] * 3,) * 2
