@@ -201,7 +201,8 @@ class FPTConfig(SideNetworkConfig):
 
     Attributes (besides ``SideNetworkConfig``'s):
         num_prompts: M, fine-grained prompts per tapped layer.
-        token_ratio: fraction of the LPM's N tokens kept per head (T = int(N * token_ratio)).
+        token_ratio: fraction of the candidate tokens kept per head (T = int(N * token_ratio), N the LPM's tokens
+            less its registers unless ``select_registers``).
         importance: token importance, "global" (mean attention received) or "cls" (CLS attention).
         select_registers: the LPM's register tokens (DINOv2/DINOv3 ``reg`` models) are candidates for the kept
             tokens too; by default they are not (global sinks, not image regions). The CLS token always is.
