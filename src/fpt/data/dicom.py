@@ -64,6 +64,17 @@ def decode_dicom(path: str | Path) -> np.ndarray:
     return np.repeat(shown[:, :, None], 3, axis=2)
 
 
+def dicom_pixel_count(path: Path) -> int:
+    """Rows × Columns of a DICOM image, from its header only (the pixel data is not read)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        return int(header.Rows) * int(header.Columns)
+    except Exception as error:  # pydicom's InvalidDicomError, a missing Rows: read as a damaged file
+        raise FPTError(f"cannot read the header of DICOM {path} ({error})") from None
+
+
 def read_dicom_header(path: str | Path):
     """The pydicom dataset of ``path``, its pixel data not yet decoded; a one-line error for a file that is no
     DICOM image or holds more than one frame."""

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from fpt.data.dicom import is_dicom_file
+from fpt.data.dicom import decode_dicom, dicom_pixel_count, is_dicom_file, read_dicom_header
 from fpt.errors import FPTError
 
 BOMB = "claims more pixels than PIL's decompression-bomb limit (a crafted or damaged header)"
@@ -53,13 +53,7 @@ def decode_rgb8(path: str | Path) -> np.ndarray | None:
 def pixel_count(path: Path) -> int:
     """Width × height of an image, from its header only (PIL's, or a DICOM's Rows and Columns)."""
     if is_dicom_file(path):
-        import pydicom
-
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-            return int(header.Rows) * int(header.Columns)
-        except Exception as error:  # pydicom's InvalidDicomError, a missing Rows: read as a damaged file
-            raise FPTError(f"cannot read the header of DICOM {path} ({error})") from None
+        return dicom_pixel_count(path)
     with Image.open(path) as image:
         return image.width * image.height
 
@@ -67,8 +61,6 @@ def pixel_count(path: Path) -> int:
 def _decode(path: str | Path) -> np.ndarray:
     """[H, W, 3]: uint8 for an 8-bit image, float32 in [0, 1] for a wide-mode one; a one-line error otherwise."""
     if is_dicom_file(Path(path)):
-        from fpt.data.dicom import decode_dicom
-
         return decode_dicom(path)
     try:
         with Image.open(path) as image:
@@ -109,8 +101,6 @@ def unreadable_images(root: Path, keys: list[str]) -> dict[str, str]:
 
 
 def _dicom_problem(path: Path) -> str | None:
-    from fpt.data.dicom import read_dicom_header
-
     try:
         read_dicom_header(path)
     except FPTError as error:
