@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh [OUT] [WORK]
 #
 # Uses the machine's own python3 with PyTorch (nothing is downloaded; the project runs from src/ on PYTHONPATH,
-# so its dependencies -- torch, timm, safetensors, scikit-learn, scikit-image, tensorboard, matplotlib, tqdm --
+# so its dependencies -- torch, timm, safetensors, scikit-image, tensorboard, matplotlib, tqdm --
 # must be there). Writes into OUT (default gpu_check) a few files: gpu_check.md (everything, in order),
 # memory.json, train_bf16.json (and train_bf16_ddp.json, with several GPUs), preload_throughput.json; scratch data
 # goes to WORK (default /tmp/fpt_gpu_check).

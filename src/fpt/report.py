@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
 
 from fpt.evaluate import RunResults
+from fpt.metrics import roc_curve
 from fpt.render import TABLE_METRICS, html_page, save_figure
 from fpt.run import CHECKPOINTS, REPORT_FILE, predictions_file, read_metrics
 
@@ -98,7 +98,7 @@ def _plot_roc(predictions: Path, classes: list[str], path: Path) -> str:
     shown = [1] if len(classes) == 2 else range(len(classes))
     for index in shown:
         if 0 < (labels == index).sum() < len(labels):
-            false_positive, true_positive, _ = roc_curve(labels == index, probabilities[:, index])
+            false_positive, true_positive = roc_curve(labels == index, probabilities[:, index])
             axis.plot(false_positive, true_positive, label=classes[index])
     axis.plot([0, 1], [0, 1], linestyle=":", color="grey")
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title="One-vs-rest ROC")
