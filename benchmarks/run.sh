@@ -72,6 +72,15 @@ python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods linear \
     --variant "std-lr1=--lr 1" --test --best-of-variants
 python benchmarks/probe_reference.py "$OUT/panel" "$OUT/ablation/cache" binary-imbalanced-small multigrade-small demo \
     multigrade-imbalanced-768 binary-large | tee "$OUT/probe_reference.txt"
+# the step minimum (the default since: at least 500 steps for FPT, FPT+, side-only and the probe; "epochs20" is the
+# schedule before it; the "v2=" and "default=" variants above ran before it too)
+for METHOD in fpt+ linear; do
+  python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods $METHOD \
+      --tasks binary-imbalanced-small,multigrade-small,multigrade-imbalanced-768,demo --seeds 0,1,2 \
+      --variant "epochs20=--min-steps 0" --variant "steps500=" --variant "steps1000=--min-steps 1000" --test
+done
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks binary-imbalanced-small --seeds 0,1,2 \
+    --variant "epochs20=--min-steps 0" --variant "steps500=" --test
 
 # 6. Issue 11: what the cache's content hashes and record checksums cost (on against off, interleaved)
 fpt synth "$OUT/vc120" --train 80 --val 20 --test 20

@@ -14,7 +14,6 @@ from fpt.config import (
     SideOnlyConfig,
     TrainingConfig,
     config_from_dict,
-    default_value,
     recipe_training,
 )
 from fpt.errors import FPTError
@@ -51,7 +50,8 @@ def test_help_texts_show_the_defaults_of_the_configs(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default: {default_value(TrainingConfig, 'epochs')})" in text
+    assert "training epochs, exactly (default: 20, raised on small data to the method's --min-steps)" in text
+    assert "(default without --epochs: the method's: 0 full, vpt-deep, lora, adapter; 500 linear, " in text
     assert "peak learning rate (default: the method's: 1e-4 full, vpt-deep, lora, adapter; 1e-2 linear; 1e-3 " in text
     assert "prompts per tapped layer (preset: 16) or per block (vpt-deep: 10)" in text
     assert f"feature cache directory (default: {DEFAULT_CACHE})" in text
@@ -124,6 +124,11 @@ def test_min_steps_prompt_dropout_and_side_attention_init_reach_the_configs() ->
     options = ["--min-steps", "500", "--prompt-dropout", "0.2", "--side-attention-init", "trunc_normal"]
     args = build_parser().parse_args(["train", "d", "--run", "r", *options])
     assert training_config_from_args(args).min_steps == 500
+    parse = build_parser().parse_args
+    asked = training_config_from_args(parse(["train", "d", "--run", "r", "--epochs", "3"]))
+    assert (asked.epochs, asked.min_steps) == (3, None)  # resolved to 3 epochs and no step minimum when training
+    unasked = training_config_from_args(parse(["train", "d", "--run", "r"]))
+    assert (unasked.epochs, unasked.min_steps) == (None, None)  # the method's schedule
     config = config_from_args(args)
     assert (config.prompt_dropout, config.side_attention_init) == (0.2, "trunc_normal")
     default = config_from_args(build_parser().parse_args(["train", "d", "--run", "r"]))

@@ -22,7 +22,7 @@ import fpt.train
 from fpt.cache import CacheWriter, FeatureCache
 from fpt.config import METHOD_CONFIGS, BackboneSpec, FullFineTuningConfig, TrainingConfig
 from fpt.data.datasets import Sample
-from fpt.data.images import load_image, rgb8_to_tensor
+from fpt.data.images import load_pixels
 from fpt.data.loaders import SampleViews, collate
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
@@ -601,17 +601,35 @@ def test_min_steps_raises_the_epochs_of_a_small_training_set(
         fast_training(None, min_steps=-1)
 
 
+def test_the_default_schedule_is_the_methods_and_an_epoch_count_asked_for_is_kept() -> None:
+    def schedule(training: TrainingConfig, method: str) -> tuple[int | None, int | None]:
+        resolved = training.for_method(METHOD_CONFIGS[method])
+        return resolved.epochs, resolved.min_steps
+
+    for method in ("fpt+", "fpt", "side-only", "linear"):
+        assert schedule(TrainingConfig(), method) == (20, 500)
+    for method in ("full", "lora", "vpt-deep", "adapter"):  # every step of these runs the LPM
+        assert schedule(TrainingConfig(), method) == (20, 0)
+    assert schedule(TrainingConfig(epochs=3), "fpt+") == (3, 0)  # an epoch count asked for is kept
+    assert schedule(TrainingConfig(min_steps=7), "full") == (20, 7)
+    assert schedule(TrainingConfig(epochs=3, min_steps=7), "fpt+") == (3, 7)
+    assert TrainingConfig().for_method(METHOD_CONFIGS["fpt+"]).scheduled_epochs(10) == 50  # 200 images, batch 16
+    assert TrainingConfig().for_method(METHOD_CONFIGS["fpt+"]).scheduled_epochs(100) == 20
+    with pytest.raises(FPTError, match="resolved for a method"):
+        TrainingConfig().scheduled_epochs(10)
+
+
 def test_images_decoded_once_into_memory_give_the_same_run_as_decoding_every_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
 ) -> None:
     decoded_files: list[str] = []
-    load = fpt.data.loaders.load_image
+    load = fpt.data.loaders.load_pixels
 
     def counted(path: Path) -> object:
         decoded_files.append(str(path))
         return load(path)
 
-    monkeypatch.setattr(fpt.data.loaders, "load_image", counted)
+    monkeypatch.setattr(fpt.data.loaders, "load_pixels", counted)
     config = tiny_config(tiny_lpm_dir)
     every_epoch = fast_training(tmp_path / "cache", epochs=3, num_workers=0, decoded_images_mib=0)
     train(image_data, tmp_path / "every_epoch", config, every_epoch, progress=False)
@@ -633,7 +651,7 @@ def test_decode_in_memory_holds_8_bit_images_within_its_budget_only(tmp_path: Pa
     decoded = fpt.data.loaders.decode_in_memory(image_data, samples, budget_bytes=2**20)
     assert decoded is not None and sorted(decoded) == sorted(s.path for s in samples)
     first = samples[0].path
-    assert torch.equal(rgb8_to_tensor(decoded[first].numpy()), load_image(image_data / first))
+    assert torch.equal(decoded[first].permute(2, 0, 1), load_pixels(image_data / first))
     pixels = 48 * 56 * 3 * len(samples)
     assert fpt.data.loaders.decode_in_memory(image_data, samples, budget_bytes=pixels - 1) is None
     assert fpt.data.loaders.decode_in_memory(image_data, samples, budget_bytes=pixels) is not None

@@ -17,6 +17,7 @@ from fpt._version import __version__
 from fpt.config import (
     ATTENTION_INITS,
     CACHE_DTYPE_NAMES,
+    DEFAULT_EPOCHS,
     DEMO_BACKBONE,
     FEATURE_NORMS,
     IMAGE_FORMATS,
@@ -88,12 +89,13 @@ def _training_default(name: str) -> object:
     return default_value(TrainingConfig, name)
 
 
-def _default_lrs() -> str:
-    """Each method's default learning rate, grouped: "1e-4 full, vpt-deep, ...; 1e-3 fpt, ..."."""
+def _method_defaults(attribute: str) -> str:
+    """Each method's default of a setting, grouped: "1e-4 full, vpt-deep, ...; 1e-3 fpt, ..." (``default_lr``)."""
     groups: dict[float, list[str]] = {}
     for name, config_class in METHOD_CONFIGS.items():
-        groups.setdefault(config_class.default_lr, []).append(name)
-    return "; ".join(f"{lr:.0e}".replace("e-0", "e-") + f" {', '.join(names)}" for lr, names in groups.items())
+        groups.setdefault(getattr(config_class, attribute), []).append(name)
+    shown = {value: f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) else str(value) for value in groups}
+    return "; ".join(f"{shown[value]} {', '.join(names)}" for value, names in groups.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison, demo_results.json and an HTML report.",
     )
     demo.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default: %(default)s)")
-    epochs = _training_default("epochs")
-    demo.add_argument("--epochs", type=int, help=f"training epochs (default: fpt train's, {epochs})")
+    demo.add_argument("--epochs", type=int, help="training epochs, exactly (default: fpt train's schedule)")
     demo.add_argument("--lr", type=float, help="peak learning rate of FPT+ and side-only (default: fpt train's)")
     demo.add_argument(
         "--seed", type=int, default=default_value(DemoSettings, "seed"), help="training seed (default: %(default)s)"
@@ -639,17 +640,24 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
         choices=RECIPES,
         default="default",
         help="default: fpt's defaults; paper: the official code's settings (lr 1e-4, weight decay 0.1 on every "
-        "parameter, 20 epochs, no warm-up, prompt dropout 0.5, side attention initialised at std 0.02), for "
-        "reproducing the papers; options given explicitly override either (default: %(default)s)",
+        "parameter, 20 epochs and no step minimum, no warm-up, prompt dropout 0.5, side attention initialised at "
+        "std 0.02), for reproducing the papers; options given explicitly override either (default: %(default)s)",
     )
-    group.add_argument("--epochs", type=int, help=f"training epochs (default: {default('epochs')})")
+    group.add_argument(
+        "--epochs",
+        type=int,
+        help=f"training epochs, exactly (default: {DEFAULT_EPOCHS}, raised on small data to the method's --min-steps)",
+    )
     group.add_argument(
         "--min-steps",
         type=int,
         metavar="N",
-        help=f"run at least N optimizer steps, raising the epochs on small data (default: {default('min_steps')})",
+        help="run at least N optimizer steps, raising the epochs on small data (default without --epochs: the "
+        f"method's: {_method_defaults('default_min_steps')}; with --epochs: 0)",
     )
-    group.add_argument("--lr", type=float, help=f"peak learning rate (default: the method's: {_default_lrs()})")
+    group.add_argument(
+        "--lr", type=float, help=f"peak learning rate (default: the method's: {_method_defaults('default_lr')})"
+    )
     group.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {default('weight_decay')})")
     group.add_argument(
         "--weight-decay-scope",

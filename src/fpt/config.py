@@ -35,6 +35,7 @@ NORMALIZATIONS: tuple[str, ...] = ("backbone", "auto")
 METRIC_NAMES: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "kappa")
 METERS: tuple[str, ...] = ("measured", "simulated")
 WEIGHT_DECAY_SCOPES: tuple[str, ...] = ("all", "weights")
+DEFAULT_EPOCHS = 20  # the official code's; the default schedule runs at least this many
 
 
 DEMO_BACKBONE = "fpt:demo"  # the demo LPM shipped with the package, wherever it is installed
@@ -117,6 +118,9 @@ class MethodConfig:
             (where today's default would describe another model).
         default_lr: the peak learning rate a run of the method gets when ``TrainingConfig.lr`` is None (the
             methods that train through the LPM keep the common 1e-4; see BENCHMARKS.md for the others).
+        default_min_steps: the least number of optimizer steps a run of the method gets when
+            ``TrainingConfig.min_steps`` is None (0 for the methods that train through the LPM, whose every
+            step runs it; BENCHMARKS.md for the others).
     """
 
     method: ClassVar[str]
@@ -127,6 +131,7 @@ class MethodConfig:
     retired_fields: ClassVar[tuple[str, ...]] = ()
     legacy_defaults: ClassVar[dict[str, Any]] = {}
     default_lr: ClassVar[float] = 1e-4
+    default_min_steps: ClassVar[int] = 0
 
     backbone: BackboneSpec
     num_classes: int
@@ -167,6 +172,7 @@ class SideNetworkConfig(MethodConfig):
 
     side_network: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-3  # the official 1e-4 leaves FPT+ at the class prior on small data
+    default_min_steps: ClassVar[int] = 500  # 20 epochs of a few hundred images end soon after the plateau
     # configs written before this field existed started the side attention as the official code does
     legacy_defaults: ClassVar[dict[str, Any]] = {"side_attention_init": "trunc_normal"}
 
@@ -290,6 +296,7 @@ class LinearProbeConfig(MethodConfig):
     method: ClassVar[str] = "linear"
     cacheable: ClassVar[bool] = True
     default_lr: ClassVar[float] = 1e-2  # the best mean validation AUC of the standardised probe on the panel
+    default_min_steps: ClassVar[int] = 500  # the schedule FPT+ gets, so that the two compare alike
     # fpt 0.1.0 trained the LPM's own head on its CLS token and wrote no pooling field; older configs have no
     # feature_norm field and were trained on the raw embedding
     legacy_defaults: ClassVar[dict[str, Any]] = {"pooling": "cls", "feature_norm": "none"}
@@ -477,12 +484,17 @@ class TrainingConfig:
     ablation behind it.
 
     Attributes:
-        epochs, batch_size: schedule length and batch size.
+        epochs: schedule length; None means the method's schedule: ``DEFAULT_EPOCHS`` (20), raised on a small
+            training set to the method's ``default_min_steps`` optimizer steps.
+        batch_size: images per optimizer step.
         lr: peak learning rate; None means the method's own (``default_lr`` of its config: 1e-3 for FPT, FPT+
             and the side-only control, 1e-1 for the linear probe, 1e-4 for the methods that train through the
             LPM), resolved when training starts and recorded in the run.
         min_steps: the schedule runs at least this many optimizer steps: on a small training set the epochs are
-            raised to reach it (0: exactly ``epochs``).
+            raised to reach it (0: exactly ``epochs``). None means the method's own (``default_min_steps`` of its
+            config: 500 for FPT, FPT+, the side-only control and the linear probe, 0 for the methods that train
+            through the LPM) when ``epochs`` is None too, and 0 when ``epochs`` is given (an epoch count asked
+            for is kept). Both are resolved when training starts and recorded in the run.
         weight_decay, betas: AdamW settings.
         weight_decay_scope: "all" decays every trainable parameter (the official code); "weights" only the
             weight matrices of linear and convolution layers, not prompts, tokens, position embeddings, norms
@@ -514,8 +526,8 @@ class TrainingConfig:
             MiB (8-bit images; 0: decode them in every epoch). The views and so the results are the same.
     """
 
-    epochs: int = 20
-    min_steps: int = 0
+    epochs: int | None = None
+    min_steps: int | None = None
     batch_size: int = 16
     lr: float | None = None
     weight_decay: float = 0.1
@@ -553,9 +565,9 @@ class TrainingConfig:
             raise FPTError("normalization must be 'backbone' or 'auto'")
         if self.cache_dtype not in CACHE_DTYPE_NAMES:
             raise FPTError(f"cache dtype '{self.cache_dtype}' is not one of {', '.join(CACHE_DTYPE_NAMES)}")
-        if self.epochs < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1:
             raise FPTError("epochs and batch size must be positive")
-        if self.min_steps < 0:
+        if self.min_steps is not None and self.min_steps < 0:
             raise FPTError(f"min_steps must not be negative, got {self.min_steps}")
         finite = (self.lr or 1.0, self.weight_decay, self.warmup_epochs, self.fusion_lr_scale, self.label_smoothing)
         if not all(math.isfinite(value) for value in finite):
@@ -582,11 +594,23 @@ class TrainingConfig:
             raise FPTError("flip probability must be in [0, 1] and jitter strengths not negative")
 
     def for_method(self, config_class: type[MethodConfig]) -> TrainingConfig:
-        """These settings with the learning rate resolved: ``lr``, or the method's ``default_lr`` when None."""
-        return replace(self, lr=config_class.default_lr if self.lr is None else self.lr)
+        """These settings with the method's defaults filled in where None: the learning rate and the schedule."""
+        if self.min_steps is not None:
+            min_steps = self.min_steps
+        else:
+            min_steps = config_class.default_min_steps if self.epochs is None else 0
+        return replace(
+            self,
+            lr=config_class.default_lr if self.lr is None else self.lr,
+            epochs=DEFAULT_EPOCHS if self.epochs is None else self.epochs,
+            min_steps=min_steps,
+        )
 
     def scheduled_epochs(self, steps_per_epoch: int) -> int:
-        """The epochs to run: ``epochs``, or more where that many are needed to reach ``min_steps`` steps."""
+        """The epochs to run (settings resolved by ``for_method``): ``epochs``, or more where that many are needed
+        to reach ``min_steps`` steps."""
+        if self.epochs is None or self.min_steps is None:
+            raise FPTError("the schedule is known once the settings are resolved for a method (for_method)")
         return max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -600,7 +624,7 @@ class TrainingConfig:
 # The official code's settings (the papers' recipe), for reproducing the papers: ``--recipe paper``. Where fpt's
 # defaults differ, BENCHMARKS.md has the ablation behind each difference.
 PAPER_TRAINING: dict[str, Any] = {
-    "epochs": 20,
+    "epochs": DEFAULT_EPOCHS,
     "min_steps": 0,
     "lr": 1e-4,
     "weight_decay": 0.1,

@@ -95,7 +95,8 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
     ]
     for step, (name, config, method_training, lrs) in enumerate(plan, start=3):
         grid = f"lr {', '.join(f'{lr:g}' for lr in lrs)}, the best on validation" if len(lrs) > 1 else f"lr {lrs[0]:g}"
-        print(f"[{step}/6] training {name} ({method_training.epochs} epochs, {grid})")
+        steps = f", at least {method_training.min_steps} steps" if method_training.min_steps else ""
+        print(f"[{step}/6] training {name} ({method_training.epochs} epochs{steps}, {grid})")
         started = time.perf_counter()
         candidates = []
         for lr in lrs:

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from fpt.config import FPTConfig
-from fpt.data.images import load_image
+from fpt.data.images import load_pixels, pixels_to_float
 from fpt.data.loaders import Batch
 from fpt.data.transforms import lpm_view, side_view
 from fpt.errors import FPTError
@@ -90,7 +90,7 @@ def predict_images(
     overlay_names = _unique_names([f"{path.stem}_attention.png" for path in paths])
     for start in progress_bar(range(0, len(paths), batch_size), enabled=progress, desc="predict", unit="batch"):
         chunk = paths[start : start + batch_size]
-        pixels = [load_image(path) for path in chunk]
+        pixels = [load_pixels(path) for path in chunk]
         lpm_batch = torch.stack([to_lpm(p) for p in pixels]).to(target) if config.uses_lpm else None
         side_batch = torch.stack([to_side(p) for p in pixels]).to(target) if to_side is not None else None
         # the labels are unknown here; logits never read them
@@ -107,7 +107,8 @@ def predict_images(
             row = probabilities[index].tolist()
             overlay = None
             if attention is not None:
-                resized = F.interpolate(pixels[index][None], size=lpm_batch.shape[-2:], mode="bilinear", antialias=True)
+                image = pixels_to_float(pixels[index])[None]
+                resized = F.interpolate(image, size=lpm_batch.shape[-2:], mode="bilinear", antialias=True)
                 overlay = explain_dir / overlay_names[start + index]
                 save_overlay(resized[0], attention[index], overlay)
             predicted = config.class_names[int(np.argmax(row))]

@@ -127,6 +127,20 @@ def test_side_view_without_crop_flip_or_jitter_equals_the_resize() -> None:
     torch.testing.assert_close(out, explicit_normalize(explicit_resize(image, 16), NORM), rtol=1e-5, atol=1e-5)
 
 
+def test_8_bit_pixels_give_the_lpm_view_of_their_float_image_exactly_and_the_side_view_within_rounding() -> None:
+    pixels = (random_image(64, 80) * 255).round().to(torch.uint8)
+    image = pixels.float() / 255.0
+    assert torch.equal(lpm_view(32, NORM)(pixels), lpm_view(32, NORM)(image))  # the cache does not change
+    # within one 8-bit level (the resized pixels are rounded), widened by at most 1.4 by the jitter
+    for augmentation, tolerance in ((None, 1 / 255), (Augmentation(), 1.4 / 255)):
+        views = []
+        for source in (pixels, image):
+            torch.manual_seed(0)  # the same crop, flip and jitter for both
+            views.append(side_view(16, IDENTITY, augmentation)(source))
+        assert views[0].shape == (3, 16, 16)
+        torch.testing.assert_close(views[0], views[1], rtol=0, atol=tolerance)
+
+
 def test_side_view_flip_mirrors_the_image() -> None:
     image = random_image(32, 32)
     always_flip = Augmentation(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=1.0, brightness=0.0, contrast=0.0)

@@ -24,6 +24,7 @@ import torch
 
 from fpt.bench.memory_benchmark import BenchmarkResult, MemorySetting, benchmark_memory
 from fpt.config import (
+    DEFAULT_EPOCHS,
     BackboneSpec,
     FullFineTuningConfig,
     MethodConfig,
@@ -140,6 +141,7 @@ def benchmark_accuracy(
             if progress:
                 print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
             method_training = replace(training, lr=lr, cache_dir=_method_cache(training.cache_dir, method))
+            method_training = method_training.for_method(type(config))
             results = _trained(run_dir, data, config, method_training, progress)
             records = read_metrics(run_dir)
             scores = [r[f"val_{training.selection_metric}"] for r in records if r[f"val_{training.selection_metric}"]]
@@ -213,7 +215,7 @@ def format_accuracy_table(result: AccuracyBenchmark) -> str:
         lr = f"lr {training.lr:g}" if training.lr is not None else "each method's default lr"
     lines = [
         f"{setting.backbone.name} at {setting.lpm_input_size} px on {setting.data}; "
-        f"{training.epochs} epochs, {lr}, batch {training.batch_size}, seed {training.seed}; "
+        f"{_schedule(training)}, {lr}, batch {training.batch_size}, seed {training.seed}; "
         f"memory: one float32 step on {memory.device} ({memory.machine}), torch {memory.torch}",
         "",
         "| method | test AUC | accuracy | kappa | learnable | r | peak memory | m | PPE | PME | train time |"
@@ -297,6 +299,14 @@ def _check_same_settings(run_dir: Path, data: str | Path, config: MethodConfig, 
             f"{run_dir} was trained with other settings ({', '.join(differs)}); choose another --out, or delete "
             "that run to train it again"
         )
+
+
+def _schedule(training: TrainingConfig) -> str:
+    """The schedule as asked for, e.g. "20 epochs, at least each method's default steps"."""
+    epochs = f"{DEFAULT_EPOCHS if training.epochs is None else training.epochs} epochs"
+    if training.min_steps is None:
+        return epochs if training.epochs is not None else f"{epochs}, at least each method's default steps"
+    return f"{epochs}, at least {training.min_steps} steps" if training.min_steps else epochs
 
 
 def _fixed(value: float | None) -> str:

@@ -32,15 +32,20 @@ def load_image(path: str | Path) -> Tensor:
     Grayscale, palette, RGBA and CMYK images become RGB; 16-bit and floating-point images are scaled by
     their own minimum and maximum (their real range), not clipped to 8 bits.
     """
-    pixels = _decode(path)
-    if pixels.dtype == np.uint8:
-        return rgb8_to_tensor(pixels)
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+    return pixels_to_float(load_pixels(path))
 
 
-def rgb8_to_tensor(pixels: np.ndarray) -> Tensor:
-    """8-bit RGB pixels [H, W, 3] -> the float tensor [3, H, W] in [0, 1] that ``load_image`` returns for them."""
-    return torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)
+def load_pixels(path: str | Path) -> Tensor:
+    """Decode ``path`` to RGB [3, H, W]: uint8 for an 8-bit image, else float in [0, 1] (as ``load_image``).
+
+    The views start from these: resizing 8-bit pixels is several times faster than resizing their float copy.
+    """
+    return torch.from_numpy(_decode(path)).permute(2, 0, 1)
+
+
+def pixels_to_float(pixels: Tensor) -> Tensor:
+    """[3, H, W] uint8 -> float32 in [0, 1]; a float tensor is returned as it is."""
+    return pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
 
 
 def decode_rgb8(path: str | Path) -> np.ndarray | None:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fpt.data.datasets import Sample
-from fpt.data.images import decode_rgb8, load_image, pixel_count, rgb8_to_tensor
+from fpt.data.images import decode_rgb8, load_pixels, pixel_count, pixels_to_float
 from fpt.data.transforms import ImageTransform, Normalization
 from fpt.distributed import Ranks
 from fpt.errors import FPTError
@@ -194,7 +194,7 @@ class SampleViews(Dataset):
         try:
             if self.side_view is not None or self.lpm_view is not None:
                 pixels = self.decoded.get(sample.path)
-                image = load_image(self.root / sample.path) if pixels is None else rgb8_to_tensor(pixels.numpy())
+                image = load_pixels(self.root / sample.path) if pixels is None else pixels.permute(2, 0, 1)
                 with torch.random.fork_rng(devices=[], enabled=self.augmentation_seed is not None):
                     if self.augmentation_seed is not None:  # the CPU generator only: the GPUs' drive dropout
                         torch.default_generator.manual_seed(derived_seed(self.augmentation_seed, self.epoch, index))
@@ -235,7 +235,7 @@ def decode_in_memory(root: Path, samples: Sequence[Sample], budget_bytes: int) -
 def dataset_normalization(paths: Sequence[str], size: int = 224, num_workers: int = 0) -> Normalization:
     """Per-channel mean and std of the images at ``paths`` (resized to ``size``), for ``--norm auto``."""
     samples = [Sample(str(path), 0) for path in paths]
-    views = SampleViews(Path(), samples, lpm_view=T.Resize((size, size), antialias=True))
+    views = SampleViews(Path(), samples, lpm_view=T.Compose([pixels_to_float, T.Resize((size, size), antialias=True)]))
     loader = DataLoader(views, batch_size=32, num_workers=num_workers, collate_fn=collate)
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
