@@ -488,7 +488,7 @@ class TrainingConfig:
             training set to the method's ``default_min_steps`` optimizer steps.
         batch_size: images per optimizer step.
         lr: peak learning rate; None means the method's own (``default_lr`` of its config: 1e-3 for FPT, FPT+
-            and the side-only control, 1e-1 for the linear probe, 1e-4 for the methods that train through the
+            and the side-only control, 1e-2 for the linear probe, 1e-4 for the methods that train through the
             LPM), resolved when training starts and recorded in the run.
         min_steps: the schedule runs at least this many optimizer steps: on a small training set the epochs are
             raised to reach it (0: exactly ``epochs``). None means the method's own (``default_min_steps`` of its
