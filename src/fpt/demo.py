@@ -71,11 +71,12 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings | None =
 
     overrides = {name: value for name, value in (("epochs", settings.epochs), ("lr", settings.lr)) if value is not None}
     cache_dir = str((output / "cache").resolve())
-    training = TrainingConfig(seed=settings.seed, cache_dir=cache_dir, **overrides).for_method(FPTPlusConfig)
+    asked = TrainingConfig(seed=settings.seed, cache_dir=cache_dir, **overrides)
+    training = asked.for_method(FPTPlusConfig)  # side-only's too: the same side network and defaults
     fpt_plus = FPTPlusConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
     probe = LinearProbeConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
     side_only = SideOnlyConfig(backbone=demo_backbone(), num_classes=len(GRADE_NAMES))
-    probe_training = replace(training, cache_dir=str((output / "cache_linear").resolve()))
+    probe_training = replace(asked, cache_dir=str((output / "cache_linear").resolve())).for_method(LinearProbeConfig)
     started = time.perf_counter()
     print("[2/6] preloading the frozen LPM's keys/values and pooled embeddings (one pass, computed once)")
     dataset, model, normalization = prepare(data, fpt_plus, training)
