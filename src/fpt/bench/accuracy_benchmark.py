@@ -304,9 +304,11 @@ def _check_same_settings(run_dir: Path, data: str | Path, config: MethodConfig, 
 def _schedule(training: TrainingConfig) -> str:
     """The schedule as asked for, e.g. "20 epochs, at least each method's default steps"."""
     epochs = f"{DEFAULT_EPOCHS if training.epochs is None else training.epochs} epochs"
-    if training.min_steps is None:
-        return epochs if training.epochs is not None else f"{epochs}, at least each method's default steps"
-    return f"{epochs}, at least {training.min_steps} steps" if training.min_steps else epochs
+    if training.min_steps:
+        return f"{epochs}, at least {training.min_steps} steps"
+    if training.min_steps is None and training.epochs is None:
+        return f"{epochs}, at least each method's default steps"
+    return epochs
 
 
 def _fixed(value: float | None) -> str:
