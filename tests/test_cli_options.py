@@ -135,6 +135,13 @@ def test_min_steps_prompt_dropout_and_side_attention_init_reach_the_configs() ->
     assert (default.prompt_dropout, default.side_attention_init) == (0.0, "xavier")
 
 
+def test_grad_checkpointing_reaches_the_training_config_and_is_off_by_default() -> None:
+    parse = build_parser().parse_args
+    assert training_config_from_args(parse(["train", "d", "--run", "r", "--grad-checkpointing"])).grad_checkpointing
+    assert not training_config_from_args(parse(["train", "d", "--run", "r"])).grad_checkpointing
+    assert parse(["bench", "memory", "--grad-checkpointing"]).grad_checkpointing
+
+
 def test_images_outside_root_reaches_the_training_config_and_is_off_by_default() -> None:
     parse = build_parser().parse_args
     assert not training_config_from_args(parse(["train", "d", "--run", "r"])).images_outside_root

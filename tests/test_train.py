@@ -619,6 +619,20 @@ def test_the_default_schedule_is_the_methods_and_an_epoch_count_asked_for_is_kep
         TrainingConfig().scheduled_epochs(10)
 
 
+def test_grad_checkpointing_gives_the_same_run_and_only_methods_with_a_side_network_take_it(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    config = tiny_config(tiny_lpm_dir)
+    plain = fast_training(tmp_path / "cache", epochs=2)
+    train(image_data, tmp_path / "plain", config, plain, progress=False)
+    train(image_data, tmp_path / "recomputed", config, replace(plain, grad_checkpointing=True), progress=False)
+    assert read_json(tmp_path / "recomputed" / "run.json")["training"]["grad_checkpointing"] is True
+    assert_same_run(tmp_path / "recomputed", tmp_path / "plain")
+    for method in ("linear", "full", "lora"):
+        with pytest.raises(FPTError, match=f"{method} has no side network to recompute: drop --grad-checkpointing"):
+            TrainingConfig(grad_checkpointing=True).for_method(METHOD_CONFIGS[method])
+
+
 def test_images_decoded_once_into_memory_give_the_same_run_as_decoding_every_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_data: Path, tiny_lpm_dir: Path
 ) -> None:

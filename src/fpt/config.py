@@ -510,6 +510,9 @@ class TrainingConfig:
         seed: seeds data splits, shuffling, augmentation, initialisation and dropout.
         device: "auto" (cuda > mps > cpu) or a torch device name.
         precision: "fp32", or "bf16"/"fp16" autocast on GPUs.
+        grad_checkpointing: recompute each side block in backward instead of keeping its activations (FPT, FPT+
+            and side-only): the same results for about half of FPT's training-step memory, at a slower step
+            (BENCHMARKS.md, issue 12).
         num_workers: DataLoader workers (None: one per spare core, at most 4).
         cache_dir: feature cache directory (preloaded LPM features); None (the default for the API; the
             command line's is ``fpt-cache``) runs the LPM on the fly and writes nothing.
@@ -543,6 +546,7 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     precision: Precision = "fp32"
+    grad_checkpointing: bool = False
     num_workers: int | None = None
     cache_dir: str | None = None
     cache_dtype: str = "float16"
@@ -595,6 +599,11 @@ class TrainingConfig:
 
     def for_method(self, config_class: type[MethodConfig]) -> TrainingConfig:
         """These settings with the method's defaults filled in where None: the learning rate and the schedule."""
+        if self.grad_checkpointing and not config_class.side_network:
+            raise FPTError(
+                f"{config_class.method} has no side network to recompute: drop --grad-checkpointing (it is for fpt, "
+                "fpt+ and side-only)"
+            )
         if self.min_steps is not None:
             min_steps = self.min_steps
         else:

@@ -238,6 +238,7 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool, verify_ca
     seed_everything(training.seed)
     device = select_device(ranks.device_name(training.device))
     progress = progress and ranks.is_main
+    model.set_grad_checkpointing(training.grad_checkpointing)
     model.to(device)
     cache = run.open_cache(verify=verify_cache, ranks=ranks)
     train_loader = run.loader("train", cache, shuffle=True, ranks=ranks)

@@ -97,6 +97,18 @@ def test_meters_agree_within_two_percent_on_the_vit_b_geometry(method: str) -> N
     assert simulated.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.02)
 
 
+@pytest.mark.parametrize("method", ["fpt", "fpt+", "side-only", "full", "linear"])
+def test_grad_checkpointing_lowers_the_side_networks_peak_only(method: str) -> None:
+    def peak(recompute: bool) -> int:
+        step = training_step(method, PATCH16, input_size=64, batch_size=8, num_classes=3, grad_checkpointing=recompute)
+        return simulate_training_step(step.model, step.loss, step.inputs).peak_bytes
+
+    if method in ("full", "linear"):  # no side network: the step is the same
+        assert peak(True) == peak(False)
+    else:
+        assert peak(True) < peak(False)
+
+
 def test_learnable_parameters_per_method(tiny_spec: BackboneSpec) -> None:
     learnable = {m: training_step(m, tiny_spec, 32, 2, num_classes=3).learnable_params for m in METHOD_VARIANTS}
     lpm = load_backbone(tiny_spec, pretrained=False)

@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +232,11 @@ def test_format_memory_table_lists_every_method_with_its_numbers(tiny_result: Me
     lines = format_memory_table(tiny_result).splitlines()
     setting = tiny_result.setting
     assert lines[0] == (
-        f"vit_tiny_patch16_224, 64 px, batch 2, 3 classes; cpu ({setting.machine}), torch {torch.__version__}"
+        f"vit_tiny_patch16_224, 64 px, batch 2, 3 classes, float16 cache; cpu ({setting.machine}), "
+        f"torch {torch.__version__}"
     )
+    recomputed = replace(tiny_result, setting=replace(setting, grad_checkpointing=True))
+    assert ", float16 cache, side blocks recomputed in backward; cpu" in format_memory_table(recomputed)
     assert lines[2].startswith("| method | learnable params | r | measured peak (MiB) |")
     assert len(lines) == 4 + len(METHODS)  # no skipped meters, no notes
     full, linear = lines[4], lines[5]
@@ -362,7 +366,7 @@ def test_cli_table_lists_the_methods(capsys: pytest.CaptureFixture[str], tiny_lp
     )
 
     lines = out.splitlines()
-    assert lines[0].startswith(f"{tiny_lpm_dir.resolve()}, 64 px, batch 2, 5 classes; cpu (")
+    assert lines[0].startswith(f"{tiny_lpm_dir.resolve()}, 64 px, batch 2, 5 classes, float16 cache; cpu (")
     full = vit_params(64, 4, 16, 17, 5)  # a 5-class head by default
     assert lines[4].startswith(f"| full | {full:,} | 100.00 % | ")
     assert lines[5].startswith(f"| linear | 645 | {100 * 645 / full:.2f} % | ")

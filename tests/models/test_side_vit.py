@@ -197,3 +197,31 @@ def test_recomputed_activation_mlp_matches_timms_mlp_and_keeps_less() -> None:
 
     activation_bytes = 64 * 10 * 128 * 4  # one GELU output, float32
     assert peak(RecomputedActivationMlp) <= peak(Mlp) - 2 * activation_bytes
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients_and_keeps_less() -> None:
+    pixels, prompts = inputs()
+    results = []
+    for recompute in (False, True):
+        side = make_side().train()
+        side.grad_checkpointing = recompute
+        leaf = prompts.clone().requires_grad_()
+        output = side(pixels, leaf)
+        output.square().sum().backward()
+        results.append((output.detach(), leaf.grad, [p.grad for p in side.parameters()]))
+    (plain_output, plain_prompt_grad, plain_grads), (output, prompt_grad, grads) = results
+    torch.testing.assert_close(output, plain_output, rtol=0, atol=1e-12)
+    torch.testing.assert_close(prompt_grad, plain_prompt_grad, rtol=0, atol=1e-12)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+    def peak(recompute: bool) -> int:
+        side = SideViT(img_size=64, patch_size=8, embed_dim=24, depth=4, num_heads=3, num_classes=CLASSES)
+        side.grad_checkpointing = recompute
+        images = torch.randn(8, 3, 64, 64)
+        block_prompts = torch.randn(8, 4, PROMPTS, 24)
+        step_inputs = [images, block_prompts]
+        return simulate_training_step(side, lambda m, batch: m(*batch).square().sum(), step_inputs).peak_bytes
+
+    tokens_bytes = 8 * (65 + PROMPTS) * 24 * 4  # one block's input, float32
+    assert peak(True) <= peak(False) - 4 * tokens_bytes

@@ -129,7 +129,7 @@ def benchmark_accuracy(
     for method in methods:
         config_class, _ = method_variant(method)
         config = config_class(backbone=backbone, num_classes=1, lpm_input_size=lpm_input_size)
-        default_lr = training.for_method(config_class).lr
+        default_lr = _method_training(training, config_class).lr
         searched = lr_grid or (lr_scales and [default_lr * scale for scale in lr_scales])
         run_dir = out / "runs" / method.replace("/", "-")
         plan[method] = config, [(lr, run_dir / f"lr{lr:g}" if searched else run_dir) for lr in searched or [default_lr]]
@@ -141,7 +141,7 @@ def benchmark_accuracy(
             if progress:
                 print(f"[{index}/{len(methods)}] {method} -> {run_dir}")
             method_training = replace(training, lr=lr, cache_dir=_method_cache(training.cache_dir, method))
-            method_training = method_training.for_method(type(config))
+            method_training = _method_training(method_training, type(config))
             results = _trained(run_dir, data, config, method_training, progress)
             records = read_metrics(run_dir)
             scores = [r[f"val_{training.selection_metric}"] for r in records if r[f"val_{training.selection_metric}"]]
@@ -244,6 +244,13 @@ def _trained(
     if (run_dir / RUN_FILE).is_file():
         return resume(run_dir, training.device, training.num_workers, progress=progress)
     return train(data, run_dir, config, training, progress=progress)
+
+
+def _method_training(training: TrainingConfig, config_class: type[MethodConfig]) -> TrainingConfig:
+    """``training`` resolved for one method of the benchmark; gradient checkpointing only where it applies (the
+    side networks)."""
+    checkpointing = training.grad_checkpointing and config_class.side_network
+    return replace(training, grad_checkpointing=checkpointing).for_method(config_class)
 
 
 def _preload_shared(

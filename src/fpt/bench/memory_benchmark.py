@@ -61,6 +61,7 @@ class MemorySetting:
     batch_size: int
     num_classes: int
     cache_dtype: str
+    grad_checkpointing: bool  # the side networks' blocks recomputed in backward
     device: str
     machine: str
     torch: str
@@ -96,12 +97,14 @@ def benchmark_memory(
     device: str = "cpu",
     num_classes: int = 5,
     cache_dtype: torch.dtype = torch.float16,
+    grad_checkpointing: bool = False,
     *,
     progress: bool = True,
 ) -> MemoryBenchmark:
     """Meter one training step of every method (``METHOD_VARIANTS`` names).
 
-    ``cache_dtype`` is the dtype of FPT's cached keys/values; every step runs in float32.
+    ``cache_dtype`` is the dtype of FPT's cached keys/values; every step runs in float32. ``grad_checkpointing``
+    recomputes the side networks' blocks in backward (the other methods, full fine-tuning among them, as they are).
     """
     check_method_variants(list(methods))
     if not meters or any(m not in METERS for m in meters):
@@ -116,7 +119,7 @@ def benchmark_memory(
     full_learnable = full_fine_tuning_params(backbone, num_classes, input_size)
     rows = []
     for method in progress_bar(methods, enabled=progress, desc="memory", unit="method"):
-        step = training_step(method, backbone, input_size, batch_size, num_classes, cache_dtype)
+        step = training_step(method, backbone, input_size, batch_size, num_classes, cache_dtype, grad_checkpointing)
         simulated = simulate_training_step(step.model, step.loss, step.inputs) if "simulated" in meters else None
         measured, note = None, None
         if "measured" in meters:
@@ -150,6 +153,7 @@ def benchmark_memory(
         batch_size=batch_size,
         num_classes=num_classes,
         cache_dtype=str(cache_dtype).removeprefix("torch."),
+        grad_checkpointing=grad_checkpointing,
         device=str(target),
         machine=machine_description(target),
         torch=torch.__version__,
@@ -237,7 +241,9 @@ def format_memory_table(result: MemoryBenchmark) -> str:
     setting = result.setting
     lines = [
         f"{setting.backbone.name}, {setting.input_size} px, batch {setting.batch_size}, "
-        f"{setting.num_classes} classes; {setting.device} ({setting.machine}), torch {setting.torch}",
+        f"{setting.num_classes} classes, {setting.cache_dtype} cache"
+        f"{', side blocks recomputed in backward' if setting.grad_checkpointing else ''}; "
+        f"{setting.device} ({setting.machine}), torch {setting.torch}",
         "",
         "| method | learnable params | r | measured peak (MiB) | simulated peak (MiB) | m (% of full) | step (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -58,12 +58,14 @@ def training_step(
     batch_size: int,
     num_classes: int = 5,
     cache_dtype: torch.dtype = torch.float16,
+    grad_checkpointing: bool = False,
 ) -> TrainingStep:
     """The step of ``method`` (a ``METHOD_VARIANTS`` name) for ``backbone`` (random weights) at ``input_size`` px
-    and ``batch_size``."""
+    and ``batch_size``; ``grad_checkpointing`` applies to the methods with a side network only."""
     config_class, cached = method_variant(method)
     config = config_class(backbone=backbone, num_classes=num_classes, lpm_input_size=input_size)
     model = build_model(config, load_lpm=not cached, pretrained_lpm=False).train()
+    model.set_grad_checkpointing(grad_checkpointing and config.side_network)
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
     index = torch.arange(batch_size)

@@ -95,6 +95,15 @@ class TransferModel(nn.Module):
         """Take part in a training step without a forward pass, on a rank whose share of the step's batch is empty
         (under torchrun): models whose training forward joins a collective join it here (none by default)."""
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the trained network's blocks in backward instead of keeping their activations (the same
+        results, less memory, a slower step). Only methods with a side network have it."""
+        if enable:
+            raise FPTError(
+                f"{self.config.method} has no gradient checkpointing; it is for the side network of fpt, fpt+ and "
+                "side-only: drop --grad-checkpointing"
+            )
+
     def diagnostics(self, batch: Batch) -> dict[str, float]:
         """Method-specific readings of the model on ``batch`` for the training log (none by default)."""
         return {}

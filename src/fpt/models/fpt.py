@@ -165,6 +165,9 @@ class FPTModel(TransferModel):
     def classifier(self) -> nn.Linear:
         return self.side.head
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.side.grad_checkpointing = enable
+
     def forward_images(self, lpm_images: Tensor, side_images: Tensor) -> Tensor:
         """Logits [B, num_classes] straight from the two views, running the LPM on the fly."""
         features = self.encode(lpm_images)
@@ -229,6 +232,9 @@ class SideOnlyModel(TransferModel):
 
     def classifier(self) -> nn.Linear:
         return self.side.head
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.side.grad_checkpointing = enable
 
     def logits(self, batch: Batch) -> Tensor:
         return self(batch.side)

@@ -51,6 +51,9 @@ class SideViT(nn.Module):
         in_chans: image channels.
         attention_init: initialisation of the blocks' attention projections (qkv and output): "xavier"
             (Xavier-uniform) or "trunc_normal" (std 0.02, like every other weight; the official code's).
+
+    ``grad_checkpointing`` (off at construction) recomputes each block in backward instead of keeping its
+    activations: the same results for about half of FPT's training-step memory and a slower step.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class SideViT(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
+        self.grad_checkpointing = False
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -104,13 +108,22 @@ class SideViT(nn.Module):
             raise FPTError(f"got prompts for {prompts.shape[1]} layers but the side network has {len(self.blocks)}")
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        num_tokens = x.shape[1]
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
-            if prompts is None:
-                x = block(x)
+            layer_prompts = None if prompts is None else prompts[:, index]
+            if recompute:
+                x = checkpoint(_run_block, block, x, layer_prompts, use_reentrant=False)
             else:
-                x = block(torch.cat([x, prompts[:, index]], dim=1))[:, :num_tokens]
+                x = _run_block(block, x, layer_prompts)
         return self.head(self.norm(x[:, 0]))
+
+
+def _run_block(block: Block, x: Tensor, prompts: Tensor | None) -> Tensor:
+    """One side block on tokens x [B, N, d_side], with the layer's fused prompts [B, M, d_side] appended for the
+    block and dropped after it -> [B, N, d_side]."""
+    if prompts is None:
+        return block(x)
+    return block(torch.cat([x, prompts], dim=1))[:, : x.shape[1]]
 
 
 def _init_weights(module: nn.Module) -> None:
