@@ -61,11 +61,11 @@ class MemorySetting:
     batch_size: int
     num_classes: int
     cache_dtype: str
-    grad_checkpointing: bool  # the side networks' blocks recomputed in backward
     device: str
     machine: str
     torch: str
     full_fine_tuning_params: int
+    grad_checkpointing: bool = False  # the side networks' blocks recomputed in backward
 
 
 SettingT = TypeVar("SettingT")
