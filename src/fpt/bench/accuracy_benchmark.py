@@ -287,12 +287,13 @@ def _method_cache(cache_dir: str | None, method: str) -> str | None:
 
 
 def _check_same_settings(run_dir: Path, data: str | Path, config: MethodConfig, training: TrainingConfig) -> None:
-    """Refuse to reuse or resume a run trained otherwise than asked (where it ran and cached may differ)."""
+    """Refuse to reuse or resume a run trained otherwise than asked (where it ran and cached, and whether it
+    recomputed its side blocks, which gives the same run, may differ)."""
     run = Run.load(run_dir)
     if run.data_source != str(Path(data).resolve()):
         raise FPTError(f"{run_dir} was trained on {run.data_source}, not {data}; choose another --out")
     recorded, wanted = run.training.to_dict(), training.to_dict()
-    where = ("device", "num_workers", "cache_dir")
+    where = ("device", "num_workers", "cache_dir", "grad_checkpointing")
     differs = [name for name in wanted if name not in where and recorded[name] != wanted[name]]
     if (recorded["cache_dir"] is None) != (wanted["cache_dir"] is None):
         differs.append("cache_dir")
