@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fpt.bench.memory import live_bytes, measure_training_step, simulate_training_step
 from fpt.bench.steps import training_step
 from fpt.config import METHOD_VARIANTS, FPTPlusConfig
+from fpt.errors import FPTError
 from fpt.models.backbone import BackboneSpec, load_backbone
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import LPMGeometry
@@ -103,8 +104,12 @@ def test_grad_checkpointing_lowers_the_side_networks_peak_only(method: str) -> N
         step = training_step(method, PATCH16, input_size=64, batch_size=8, num_classes=3, grad_checkpointing=recompute)
         return simulate_training_step(step.model, step.loss, step.inputs).peak_bytes
 
-    if method in ("full", "linear"):  # no side network: the step is the same
+    if method in ("full", "linear"):  # no side network: the step is the same, and the model refuses to recompute
         assert peak(True) == peak(False)
+        model = training_step(method, PATCH16, input_size=64, batch_size=2, num_classes=3).model
+        model.set_grad_checkpointing(False)
+        with pytest.raises(FPTError, match=f"{method} has no gradient checkpointing.*drop --grad-checkpointing"):
+            model.set_grad_checkpointing(True)
     else:
         assert peak(True) < peak(False)
 
