@@ -154,3 +154,14 @@ def test_prior_bias_reaches_the_training_config_both_ways_and_the_paper_recipe_h
     assert not training_config_from_args(parse(["train", "d", "--run", "r", "--no-prior-bias"])).prior_bias
     assert training_config_from_args(parse(["train", "d", "--run", "r"])).prior_bias == TrainingConfig().prior_bias
     assert not training_config_from_args(parse(["train", "d", "--run", "r", "--recipe", "paper"])).prior_bias
+
+
+def test_decay_fraction_reaches_the_training_config_and_is_checked() -> None:
+    parse = build_parser().parse_args
+    assert (
+        training_config_from_args(parse(["train", "d", "--run", "r", "--decay-fraction", "0.3"])).decay_fraction == 0.3
+    )
+    assert training_config_from_args(parse(["train", "d", "--run", "r", "--recipe", "paper"])).decay_fraction == 1.0
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(FPTError, match="decay fraction must be in"):
+            TrainingConfig(decay_fraction=bad)

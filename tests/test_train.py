@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +33,7 @@ from fpt.models.build import build_model
 from fpt.models.fpt import FPTModel
 from fpt.models.frozen_encoder import FrozenEncoder
 from fpt.task import prepare
-from fpt.train import resume, train
+from fpt.train import cosine_schedule, resume, train
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import (
     CLASSES,
@@ -671,3 +673,16 @@ def test_decode_in_memory_holds_8_bit_images_within_its_budget_only(tmp_path: Pa
     assert fpt.data.loaders.decode_in_memory(image_data, samples, budget_bytes=pixels) is not None
     Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16)).save(tmp_path / "wide.png")
     assert fpt.data.loaders.decode_in_memory(tmp_path, [Sample("wide.png", 0)], budget_bytes=2**20) is None
+
+
+def test_cosine_schedule_holds_the_peak_until_its_decay_fraction_and_is_the_plain_cosine_at_one() -> None:
+    plain = cosine_schedule(100, 10)  # the official schedule: the decay starts right after the warm-up
+    expected = [0.5 * (1 + math.cos(math.pi * (step - 10) / 90)) for step in range(10, 100)]
+    assert [plain(step) for step in range(10, 100)] == pytest.approx(expected, abs=1e-12)
+
+    held = cosine_schedule(100, 10, 0.3)  # 90 steps after the warm-up: 63 at the peak, then 27 of decay
+    assert [held(step) for step in range(10)] == [(step + 1) / 10 for step in range(10)]
+    assert all(held(step) == 1.0 for step in range(10, 74))
+    decay = [held(step) for step in range(73, 100)]
+    assert all(a > b for a, b in itertools.pairwise(decay)) and decay[-1] > 0.0
+    assert held(100) == 0.0

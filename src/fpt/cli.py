@@ -680,6 +680,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_cache_option: 
         "--warmup-epochs", type=float, help=f"linear warm-up before cosine decay (default: {default('warmup_epochs')})"
     )
     group.add_argument(
+        "--decay-fraction",
+        type=float,
+        metavar="F",
+        help="the last share of the schedule over which the learning rate decays to 0 (cosine); before it the rate "
+        f"holds at its peak; 1: decay from the first step (default: {default('decay_fraction')})",
+    )
+    group.add_argument(
         "--clip-grad-norm",
         type=float,
         help=f"gradient clipping norm, 0 disables (default: {default('clip_grad_norm')})",
@@ -734,6 +741,7 @@ TRAINING_OPTIONS = {  # TrainingConfig field: parsed option (absent from command
     "weight_decay_scope": "weight_decay_scope",
     "fusion_lr_scale": "fusion_lr_scale",
     "warmup_epochs": "warmup_epochs",
+    "decay_fraction": "decay_fraction",
     "label_smoothing": "label_smoothing",
     "prior_bias": "prior_bias",
     "selection_metric": "metric",

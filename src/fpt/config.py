@@ -502,6 +502,9 @@ class TrainingConfig:
         fusion_lr_scale: the fusion module's (the prompts' and their projections') learning rate relative to
             ``lr``; the side network keeps ``lr``.
         warmup_epochs: linear warm-up before the per-iteration cosine decay (may be fractional).
+        decay_fraction: the last share of the schedule (after any warm-up) over which the learning rate decays
+            to 0 along a cosine; before it the rate holds at its peak. 1.0 (the official code): it decays from the
+            first step.
         clip_grad_norm: gradient clipping threshold (None disables it).
         label_smoothing, balanced_class_weights: cross-entropy options.
         prior_bias: start the classifier's bias at the log of the training split's class frequencies (the model's
@@ -538,6 +541,7 @@ class TrainingConfig:
     weight_decay_scope: str = "all"
     fusion_lr_scale: float = 1.0
     warmup_epochs: float = 0.0
+    decay_fraction: float = 1.0
     clip_grad_norm: float | None = 1.0
     label_smoothing: float = 0.0
     balanced_class_weights: bool = False
@@ -580,6 +584,8 @@ class TrainingConfig:
             raise FPTError("learning rate must be positive, weight decay and warm-up not negative")
         if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
             raise FPTError(f"weight decay scope must be one of {', '.join(WEIGHT_DECAY_SCOPES)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise FPTError(f"the decay fraction must be in (0, 1], got {self.decay_fraction}")
         if not self.fusion_lr_scale > 0:
             raise FPTError(f"the fusion learning-rate scale must be positive, got {self.fusion_lr_scale}")
         if not 0 <= self.label_smoothing < 1:
@@ -640,6 +646,7 @@ PAPER_TRAINING: dict[str, Any] = {
     "weight_decay_scope": "all",
     "fusion_lr_scale": 1.0,
     "warmup_epochs": 0.0,
+    "decay_fraction": 1.0,
     "prior_bias": False,
 }
 # fields of the side-network methods' configs (each gets those it has); prompts start at std 1e-6 in both

@@ -249,7 +249,9 @@ def _fit(run: Run, model: TransferModel, resume: bool, progress: bool, verify_ca
     warmup_steps = round(training.warmup_epochs * len(train_loader))
     state = TrainingState(
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_steps, warmup_steps)),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(total_steps, warmup_steps, training.decay_fraction)
+        ),
         scaler=torch.amp.GradScaler(device.type, enabled=training.precision == "fp16" and device.type == "cuda"),
     )
     class_weights = _class_weights(run.dataset).to(device) if training.balanced_class_weights else None
@@ -368,13 +370,16 @@ def _is_embedding(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("prompts", "cls_token", "reg_token", "pos_embed")
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor per iteration: linear warm-up to 1, then cosine decay to 0."""
+def cosine_schedule(total_steps: int, warmup_steps: int, decay_fraction: float = 1.0) -> Callable[[int], float]:
+    """Learning-rate factor per iteration: linear warm-up to 1, held at 1, then cosine decay to 0 over the last
+    ``decay_fraction`` of the steps after the warm-up (1.0: the decay starts right after the warm-up)."""
+    decay_steps = max(1, round(decay_fraction * (total_steps - warmup_steps)))
+    decay_start = total_steps - decay_steps
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = max(0, step - decay_start) / decay_steps
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
