@@ -247,6 +247,20 @@ def test_interrupted_run_is_resumed_and_matches_an_uninterrupted_one(
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_side_only_beside_cached_methods_trains_without_a_cache(
+    tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
+) -> None:
+    """side-only reads no LPM features: the shared LPM pass fills the others' caches and leaves it out."""
+    training = benchmark_training(tmp_path / "cache")
+    backbone = BackboneSpec(str(tiny_lpm_dir))
+    methods = ["linear", "side-only", "fpt+"]
+    result = benchmark_accuracy(image_data, tmp_path / "out", methods, backbone, 64, training, progress=False)
+
+    assert list(result.methods) == methods
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["fpt+", "linear"]
+    assert read_json(tmp_path / "out" / "runs" / "side-only" / "run.json")["training"]["cache_dir"] is None
+
+
 def test_unknown_method_is_refused_before_anything_is_trained(
     tmp_path: Path, image_data: Path, tiny_lpm_dir: Path
 ) -> None:

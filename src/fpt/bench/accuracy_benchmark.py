@@ -278,10 +278,10 @@ def _preload_shared(
 
 
 def _method_cache(cache_dir: str | None, method: str) -> str | None:
-    """The method's own feature cache folder under ``cache_dir`` (None without a cache or for a variant that runs
-    the LPM in every step instead of caching it)."""
-    config_class, cached = method_variant(method)
-    if cache_dir is None or (config_class.cacheable and not cached):
+    """The method's own feature cache folder under ``cache_dir`` (None without a cache, for a method that reads no
+    LPM features, as side-only, or for a variant that runs the LPM in every step instead of caching it)."""
+    _, cached = method_variant(method)
+    if cache_dir is None or not cached:
         return None
     return str(Path(cache_dir) / method)
 
