@@ -82,6 +82,25 @@ done
 python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks binary-imbalanced-small --seeds 0,1,2 \
     --variant "epochs20=--min-steps 0" --variant "steps500=" --test
 
+# the token selection, the schedule's decay and a higher learning rate (none became a default), binary-large's seeds
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks binary-imbalanced-small \
+    --seeds 0,1,2,3,4 --variant "today=" --variant "ratio1=--token-ratio 1" --variant "decay0.3=--decay-fraction 0.3" \
+    --variant "lr3e-3=--lr 3e-3" --test
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks multigrade-small --seeds 0,1,2 \
+    --variant "today=" --variant "decay0.3=--decay-fraction 0.3" --test
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt --tasks binary-imbalanced-small,multigrade-small \
+    --seeds 0,1,2 --variant "today=" --variant "lr3e-3=--lr 3e-3" --test
+python benchmarks/ablate.py "$OUT/panel" "$OUT/ablation" --methods fpt+ --tasks binary-large --seeds 0,1,2 \
+    --variant "today=" --test
+# each cached method at its best of 0.3x, 1x and 3x its own default learning rate (chosen on validation)
+for TASK in demo:512 multigrade-small:512 binary-imbalanced-small/labels.csv:512 \
+    multigrade-imbalanced-768/labels.csv:768; do
+  DATA=${TASK%:*}
+  fpt bench accuracy "$OUT/panel/$DATA" --backbone demo --input-size "${TASK#*:}" \
+      --methods linear,side-only,fpt,fpt+ --lr-scales 0.3,1,3 --cache "$OUT/accuracy_lr/cache/${DATA%%/*}" \
+      --out "$OUT/accuracy_lr/${DATA%%/*}"
+done
+
 # 6. Issue 11: what the cache's content hashes and record checksums cost (on against off, interleaved)
 fpt synth "$OUT/vc120" --train 80 --val 20 --test 20
 python benchmarks/verification_cost.py "$OUT/vc120" --repeats 3 --epochs 3 | tee "$OUT/verification_cost.md"
