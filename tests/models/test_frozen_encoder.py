@@ -265,18 +265,24 @@ def test_register_tokens_and_layer_scale_count_as_prefix_tokens():
     assert_features_match(features, keys, values, indices)
 
 
-def test_blocks_after_the_last_tapped_layer_are_not_run(vit):
-    calls: list[int] = []
+def test_the_encoder_stops_once_the_last_tapped_keys_and_values_are_read(vit):
+    """Neither the last tapped block's attention and MLP nor the blocks after it are run."""
+    calls: list[str] = []
     hooks = [
-        block.register_forward_hook(lambda module, inputs, output, index=index: calls.append(index))
+        module.register_forward_hook(lambda module, inputs, output, name=name: calls.append(name))
         for index, block in enumerate(vit.blocks)
+        for name, module in (
+            (f"qkv{index}", block.attn.qkv),
+            (f"proj{index}", block.attn.proj),
+            (f"mlp{index}", block.mlp),
+        )
     ]
     try:
         FrozenEncoder(vit, tapped_layers=[1], token_ratio=0.3)(images(32))
     finally:
         for hook in hooks:
             hook.remove()
-    assert calls == [0, 1]
+    assert calls == ["qkv0", "proj0", "mlp0", "qkv1"]
 
 
 def test_encoder_stays_in_eval_mode_and_returns_no_gradient():

@@ -4,13 +4,14 @@ The LPM runs through its own timm modules. At each tapped block a hook (``fpt.mo
 LPM family) reads the per-head queries, keys and values the block's attention uses, scores the tokens by the
 attention they receive, and keeps the keys and values of the top ``T`` tokens per head. Register tokens are not
 candidates unless asked for (they are global sinks, not image regions); the CLS token is, as in the papers.
-Untapped blocks run the model's normal fused path, and blocks after the last tapped one are not run.
+Untapped blocks run the model's normal fused path. The encoder stops as soon as the last tapped block's queries,
+keys and values are read: that block's attention and MLP, and the blocks after it, are not run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 
@@ -131,13 +132,15 @@ class TokenSelection:
     select_registers: bool = False
 
     @contextmanager
-    def recording(self, lpm: LPM) -> Iterator[Callable[[], LPMFeatures]]:
+    def recording(self, lpm: LPM, stop_after_last: bool = False) -> Iterator[Callable[[], LPMFeatures]]:
         """While open, every forward of ``lpm`` selects the important tokens of the tapped blocks; the yielded
-        function returns those of the latest forward."""
+        function returns those of the latest forward. With ``stop_after_last``, a forward ends by raising
+        ``AllTapsRead`` as soon as the last tapped block's keys and values are read."""
         selected: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         excluded = range(0) if self.select_registers else register_positions(lpm)
+        last = self.tapped_layers[-1] if stop_after_last else None
         hooks = [
-            tap_attention(lpm.blocks[layer].attn, partial(self._select, layer, excluded, selected))
+            tap_attention(lpm.blocks[layer].attn, partial(self._select, layer, excluded, selected, layer == last))
             for layer in self.tapped_layers
         ]
 
@@ -156,6 +159,7 @@ class TokenSelection:
         layer: int,
         excluded: range,
         selected: dict[int, tuple[Tensor, Tensor, Tensor]],
+        stop: bool,
         q: Tensor,
         k: Tensor,
         v: Tensor,
@@ -166,6 +170,12 @@ class TokenSelection:
         importance[:, :, excluded.start : excluded.stop] = -torch.inf
         indices = important_token_indices(importance, num_kept)
         selected[layer] = (gather_tokens(k, indices), gather_tokens(v, indices), indices)
+        if stop:
+            raise AllTapsRead
+
+
+class AllTapsRead(Exception):
+    """Raised by a recording's last tap to end the LPM's forward: nothing after that block's q, k, v is needed."""
 
 
 class FrozenEncoder(nn.Module):
@@ -213,14 +223,8 @@ class FrozenEncoder(nn.Module):
                 f"LPM input must be square with a side that is a multiple of the patch size "
                 f"{self.geometry.patch_size}; got {tuple(images.shape[-2:])}"
             )
-        with self.selection.recording(self.model) as selected:
-            self.model.forward_intermediates(
-                images,
-                indices=[self.selection.tapped_layers[-1]],
-                stop_early=True,
-                output_fmt="NLC",
-                intermediates_only=True,
-            )
+        with self.selection.recording(self.model, stop_after_last=True) as selected, suppress(AllTapsRead):
+            self.model.forward_features(images)
         return selected()
 
 
