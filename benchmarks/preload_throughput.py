@@ -9,6 +9,8 @@ architecture ARCH with random weights, saved once as a local checkpoint director
 by FPT+'s preset. Four rates, in images per second, each the median of the repeats, interleaved:
 
 - bare forward: ``forward_features`` of the timm model on the already decoded and resized images;
+- bare forward to the last tap: the same, stopped once the last tapped block's q, k, v are projected (the part of
+  the model the frozen encoder runs, without its taps and importance scores);
 - frozen encoder: FPT+'s ``preload_features`` (the same forward with its taps and importance scores) on them;
 - `fpt preload`, one process and each N (torchrun): the whole preload into an empty cache (hashing, decoding,
   the LPM, selection, writing), timed by the preload itself, without interpreter and model start-up.
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -49,18 +52,44 @@ def images_per_second(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("nan")
 
 
-def time_forward(function, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Seconds for ``function`` over every batch, each moved to ``device`` first (after one warm-up batch)."""
+def time_forwards(functions: dict[str, Callable], batches: list[torch.Tensor], device: torch.device) -> dict:
+    """Seconds of each function over every batch (each moved to ``device`` first), after one warm-up batch each;
+    the functions take turns batch by batch, so that a drift in the machine's speed falls on all of them alike."""
+    seconds = dict.fromkeys(functions, 0.0)
     with torch.no_grad():
-        function(batches[0].to(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for batch in batches:
-            function(batch.to(device, non_blocking=True))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
+        for turn, batch in enumerate([batches[0], *batches]):  # turn 0: the warm-up
+            for name, function in functions.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                function(batch.to(device, non_blocking=True))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if turn:
+                    seconds[name] += time.perf_counter() - started
+    return seconds
+
+
+class _Stop(Exception):
+    pass
+
+
+def forward_to_block_qkv(lpm: torch.nn.Module, block: int):
+    """A function running ``lpm`` on a batch until block ``block``'s attention has projected its q, k, v."""
+
+    def stop(*_) -> None:
+        raise _Stop
+
+    def forward(images: torch.Tensor) -> None:
+        hook = lpm.blocks[block].attn.qkv.register_forward_hook(stop)
+        try:
+            lpm.forward_features(images)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+
+    return forward
 
 
 def preload_command(
@@ -105,14 +134,18 @@ def main() -> None:
         batches = list(images.split(args.batch_size))
         model.to(device)
         lpm = model.frozen_lpm()
-        rates: dict[str, list[float]] = {"bare forward": [], "frozen encoder (FPT+ taps)": []}
+        to_last_tap = forward_to_block_qkv(lpm, model.config.tapped_layers[-1])
+        rates: dict[str, list[float]] = {"bare forward": [], "bare forward to the last tap": []}
+        rates["frozen encoder (FPT+ taps)"] = []
         rates |= {f"fpt preload, {n} process{'es' if n > 1 else ''}": [] for n in counts}
+        forwards = {
+            "bare forward": lpm.forward_features,
+            "bare forward to the last tap": to_last_tap,
+            "frozen encoder (FPT+ taps)": model.preload_features,
+        }
         for repeat in range(args.repeats):
-            rates["bare forward"].append(
-                images_per_second(len(images), time_forward(lpm.forward_features, batches, device))
-            )
-            encoder_seconds = time_forward(model.preload_features, batches, device)
-            rates["frozen encoder (FPT+ taps)"].append(images_per_second(len(images), encoder_seconds))
+            for name, seconds in time_forwards(forwards, batches, device).items():
+                rates[name].append(images_per_second(len(images), seconds))
             for n in counts:
                 cache = scratch / f"cache-{n}-{repeat}"
                 seconds = time_preload(
