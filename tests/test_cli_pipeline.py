@@ -259,6 +259,7 @@ def test_errors_inside_dataloader_workers_are_still_one_line(
     record = read_json(run / "run.json")
     shutil.copytree(record["training"]["cache_dir"], cache_dir)
     record["training"]["num_workers"] = 1
+    record["training"]["batch_size"] = 1  # a loader of one batch would load it in the process itself
     record["training"]["cache_dir"] = str(cache_dir)
     (run / "run.json").write_text(json.dumps(record))
     entry = FeatureCache.open(cache_dir).entries["test/b/img001.png"]
@@ -268,8 +269,8 @@ def test_errors_inside_dataloader_workers_are_still_one_line(
     workers: list[int] = []
     worker_count = fpt.run.worker_count
 
-    def recorded_worker_count(requested: int | None) -> int:
-        workers.append(worker_count(requested))
+    def recorded_worker_count(requested: int | None, batches: int | None = None) -> int:
+        workers.append(worker_count(requested, batches))
         return workers[-1]
 
     monkeypatch.setattr(fpt.run, "worker_count", recorded_worker_count)

@@ -622,7 +622,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="let a CSV list images outside its own folder (refused by default)",
     )
     group.add_argument("--batch-size", type=int, metavar="B", help=f"batch size (default: {default('batch_size')})")
-    group.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (default: spare cores, max 4)")
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="DataLoader workers (default: spare cores, max 4; never more than a loader has batches, less one)",
+    )
     group.add_argument("--device", help="auto (cuda > mps > cpu, default), cpu, cuda, cuda:N or mps")
     group.add_argument(
         "--precision",

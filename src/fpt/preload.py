@@ -9,6 +9,7 @@ cache's fingerprint records everything that determines them.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -237,7 +238,7 @@ def _compute(
     loader = DataLoader(
         views,
         batch_size=first.batch_size,
-        num_workers=worker_count(first.num_workers),
+        num_workers=worker_count(first.num_workers, math.ceil(len(share) / first.batch_size)),
         collate_fn=collate,
         pin_memory=target.type == "cuda",
     )

@@ -19,6 +19,7 @@ safetensors plus JSON (no pickle anywhere in a run directory).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -200,10 +201,11 @@ class Run:
             if shuffle
             else {"batch_size": training.batch_size, "sampler": read}
         )
+        count = len(batches["batch_sampler"]) if shuffle else math.ceil(len(read) / training.batch_size)
         return DataLoader(
             views,
             **batches,
-            num_workers=worker_count(training.num_workers),
+            num_workers=worker_count(training.num_workers, count),
             collate_fn=collate,
             pin_memory=torch.cuda.is_available(),
         )

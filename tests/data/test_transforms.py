@@ -282,3 +282,6 @@ def test_worker_count() -> None:
     assert worker_count(3) == 3
     assert worker_count(0) == 0
     assert 0 <= worker_count(None) <= 4
+    # never more workers than batches less one: a lone batch is loaded in the process itself
+    assert [worker_count(3, batches) for batches in (1, 2, 3, 4, 9)] == [0, 1, 2, 3, 3]
+    assert worker_count(None, 1) == 0

@@ -250,8 +250,9 @@ def dataset_normalization(paths: Sequence[str], size: int = 224, num_workers: in
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()))
 
 
-def worker_count(requested: int | None) -> int:
-    """DataLoader workers: as requested, else one per spare core (at most 4; 0 on a single core)."""
-    if requested is not None:
-        return requested
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def worker_count(requested: int | None, batches: int | None = None) -> int:
+    """DataLoader workers: as requested, else one per spare core (at most 4; 0 on a single core); with the number
+    of ``batches`` to load, at most ``batches - 1``: a worker only helps by loading one batch while another is used,
+    and a lone batch is loaded fastest by the process itself (no fork, no copy through shared memory)."""
+    count = requested if requested is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    return count if batches is None else min(count, max(0, batches - 1))
