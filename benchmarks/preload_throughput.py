@@ -134,15 +134,13 @@ def main() -> None:
         batches = list(images.split(args.batch_size))
         model.to(device)
         lpm = model.frozen_lpm()
-        to_last_tap = forward_to_block_qkv(lpm, model.config.tapped_layers[-1])
-        rates: dict[str, list[float]] = {"bare forward": [], "bare forward to the last tap": []}
-        rates["frozen encoder (FPT+ taps)"] = []
-        rates |= {f"fpt preload, {n} process{'es' if n > 1 else ''}": [] for n in counts}
         forwards = {
             "bare forward": lpm.forward_features,
-            "bare forward to the last tap": to_last_tap,
+            "bare forward to the last tap": forward_to_block_qkv(lpm, model.config.tapped_layers[-1]),
             "frozen encoder (FPT+ taps)": model.preload_features,
         }
+        rates: dict[str, list[float]] = {name: [] for name in forwards}
+        rates |= {f"fpt preload, {n} process{'es' if n > 1 else ''}": [] for n in counts}
         for repeat in range(args.repeats):
             for name, seconds in time_forwards(forwards, batches, device).items():
                 rates[name].append(images_per_second(len(images), seconds))

@@ -15,7 +15,7 @@ import torch
 from fpt.config import MethodConfig, TrainingConfig
 from fpt.data.datasets import ImageDataset, load_dataset
 from fpt.data.images import unreadable_images
-from fpt.data.loaders import dataset_normalization, worker_count
+from fpt.data.loaders import dataset_normalization
 from fpt.data.transforms import Normalization
 from fpt.errors import FPTError
 from fpt.models.backbone import backbone_mean_std, load_backbone
@@ -53,7 +53,7 @@ def prepare(data: str | Path, model_config: MethodConfig, training: TrainingConf
     model = build_model(config)
     if training.normalization == "auto":
         train_paths = [str(dataset.root / s.path) for s in dataset.splits["train"]]
-        normalization = dataset_normalization(train_paths, num_workers=worker_count(training.num_workers))
+        normalization = dataset_normalization(train_paths, num_workers=training.num_workers)
     else:
         with torch.device("meta"):  # only the pre-training statistics are read
             normalization = Normalization(*backbone_mean_std(load_backbone(config.backbone, pretrained=False)))

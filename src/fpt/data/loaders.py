@@ -232,11 +232,13 @@ def decode_in_memory(root: Path, samples: Sequence[Sample], budget_bytes: int) -
     return None if any(pixels is None for pixels in decoded.values()) else decoded
 
 
-def dataset_normalization(paths: Sequence[str], size: int = 224, num_workers: int = 0) -> Normalization:
-    """Per-channel mean and std of the images at ``paths`` (resized to ``size``), for ``--norm auto``."""
+def dataset_normalization(paths: Sequence[str], size: int = 224, num_workers: int | None = 0) -> Normalization:
+    """Per-channel mean and std of the images at ``paths`` (resized to ``size``), for ``--norm auto``; the workers
+    as ``worker_count`` gives them (None: one per spare core)."""
     samples = [Sample(str(path), 0) for path in paths]
     views = SampleViews(Path(), samples, lpm_view=T.Compose([pixels_to_float, T.Resize((size, size), antialias=True)]))
-    loader = DataLoader(views, batch_size=32, num_workers=num_workers, collate_fn=collate)
+    workers = worker_count(num_workers, math.ceil(len(samples) / 32))
+    loader = DataLoader(views, batch_size=32, num_workers=workers, collate_fn=collate)
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     count = 0
