@@ -1,3 +1,3 @@
-from fpt.cli import main
+from fpt.cli import run
 
-raise SystemExit(main())
+run()

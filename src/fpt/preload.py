@@ -48,7 +48,8 @@ def weights_digest(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # the tensor's own buffer, not a copy of it
+            digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
