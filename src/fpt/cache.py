@@ -8,7 +8,9 @@ A cache directory holds ``manifest.json`` (the fingerprint of everything that de
 and the record layout: named parts and their shapes), ``index.jsonl`` (one line per image: its path relative
 to the data root, shard, slot, the SHA-256 of the image file's bytes the features were computed from and the
 CRC-32 of the record) and a few large ``shard-NNNNN.bin`` files of fixed-size records (the parts one after
-another in the cache dtype, e.g. keys then values, each [L, H, T, d_head]). A record's data is written and
+another in the cache dtype, e.g. keys then values, each [L, H, T, d_head]). A compressed cache's records are
+each one zstd frame, of its own size: its index lines also give the frame's byte offset and size in the shard,
+and the CRC-32 is of the record as decompressed (what is read is what is checked). A record's data is written and
 synced before its index line, so an interrupted run (kill -9 included) never leaves a visible half-written
 entry; rerunning computes only what the index lacks. An entry belongs to the exact bytes of its image (a
 changed or other image under the same path is recomputed or refused, never used), and a record whose bytes no
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpt.config import CACHE_DTYPE_NAMES
+from fpt.config import CACHE_COMPRESSIONS, CACHE_DTYPE_NAMES
 from fpt.errors import FPTError
 from fpt.quantization import quantize_int8
 from fpt.runtime import progress_bar
@@ -57,6 +59,7 @@ LOCK_NAME = "cache.lock"
 FRAGMENT_GLOB = "index-r*.jsonl"
 CACHE_FORMAT = 2  # 1: keys and values only, "layout": {"shape", "dtype"}; still read
 SHARD_BYTES = 2 * 2**30
+ZSTD_LEVEL = 3  # int8 records: 92.8 % of their bytes at about 1.2 GB/s to decompress (BENCHMARKS.md)
 CACHE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}  # of the parts
 
 
@@ -71,19 +74,27 @@ def fingerprint_differences(expected: dict[str, Any], found: dict[str, Any]) -> 
 
 class CacheEntry(NamedTuple):
     shard: str
-    slot: int
+    slot: int  # the record's place among its shard's records
     sha256: str | None  # content_digest of the image the record was computed from (None: an older fpt)
-    crc32: int | None  # of the record's bytes (None: an older fpt)
+    crc32: int | None  # of the record's bytes, decompressed (None: an older fpt)
+    offset: int | None = None  # a compressed record's first byte in its shard (None: slot * the record's bytes)
+    size: int | None = None  # a compressed record's bytes in its shard (None: the layout's record bytes)
 
 
 @dataclass(frozen=True)
 class RecordLayout:
     """The named parts of one image's record and their shapes (e.g. keys and values, each [L, H, T, d_head]),
     stored in one dtype; ``int8`` stores each part as symmetric int8 with a float16 scale per vector of its last
-    dimension (per token of each layer and head), as the part ``<name>_scale`` of shape ``shape[:-1]``."""
+    dimension (per token of each layer and head), as the part ``<name>_scale`` of shape ``shape[:-1]``.
+    ``compression`` "zstd" stores each record as one zstd frame (``CACHE_COMPRESSIONS``)."""
 
     parts: dict[str, tuple[int, ...]]
     dtype: str
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.compression not in CACHE_COMPRESSIONS:
+            raise FPTError(f"cache compression '{self.compression}' is not one of {', '.join(CACHE_COMPRESSIONS)}")
 
     def stored_parts(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every stored part: name -> (shape, dtype), in record order."""
@@ -107,7 +118,8 @@ class RecordLayout:
         return {name: stored[name] for name in self.stored_parts()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"parts": {name: list(shape) for name, shape in self.parts.items()}, "dtype": self.dtype}
+        compression = {} if self.compression == "none" else {"compression": self.compression}
+        return {"parts": {name: list(shape) for name, shape in self.parts.items()}, "dtype": self.dtype, **compression}
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> RecordLayout:
@@ -115,7 +127,8 @@ class RecordLayout:
         if manifest["format"] == 1:
             shape = tuple(layout["shape"])
             return cls({"keys": shape, "values": shape}, layout["dtype"])
-        return cls({name: tuple(shape) for name, shape in layout["parts"].items()}, layout["dtype"])
+        parts = {name: tuple(shape) for name, shape in layout["parts"].items()}
+        return cls(parts, layout["dtype"], layout.get("compression", "none"))
 
 
 def scale_name(part: str) -> str:
@@ -172,7 +185,7 @@ class FeatureCache:
             )
         try:
             found, layout = dict(manifest["fingerprint"]), RecordLayout.from_manifest(manifest)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, FPTError):
             raise damaged from None
         if fingerprint is not None and found != fingerprint:
             differences = "; ".join(fingerprint_differences(fingerprint, found))
@@ -285,12 +298,21 @@ class FeatureCache:
         if entry.shard not in self._shards:  # opened lazily, so that each DataLoader worker maps its own
             self._shards[entry.shard] = np.memmap(self.directory / entry.shard, dtype=np.uint8, mode="r")
         size = self.layout.nbytes
-        record = np.array(self._shards[entry.shard][entry.slot * size : (entry.slot + 1) * size])
-        if len(record) != size or (entry.crc32 is not None and zlib.crc32(record) != entry.crc32):
+        if self.layout.compression == "none":
+            stored = self._shards[entry.shard][entry.slot * size : (entry.slot + 1) * size]
+            record = np.array(stored) if len(stored) == size else None
+            problem = "is truncated"
+        else:
+            stored = self._shards[entry.shard][entry.offset or 0 : (entry.offset or 0) + (entry.size or 0)]
+            record = _decompress(stored, size)
+            problem = "does not decompress"
+        if record is not None and entry.crc32 is not None and zlib.crc32(record) != entry.crc32:
+            record, problem = None, "fails its checksum"
+        if record is None:
             raise FPTError(
                 f"the cached features of '{key}' in {self.directory} are corrupt ({entry.shard} slot {entry.slot} "
-                f"{'is truncated' if len(record) != size else 'fails its checksum'}); `fpt cache verify "
-                f"{self.directory}` drops every corrupt record and the next `fpt preload` recomputes them"
+                f"{problem}); `fpt cache verify {self.directory}` drops every corrupt record and the next "
+                "`fpt preload` recomputes them"
             )
         parts, offset = {}, 0
         for name, (shape, dtype) in self.layout.stored_parts().items():
@@ -336,6 +358,7 @@ class CacheWriter:
         self.shard: BinaryIO | None = None
         self.shard_name = ""
         self.slots = 0
+        self.position = 0  # bytes written to the shard
 
     def merge_fragments(self, ranks: Sequence[int] = ()) -> None:
         """Merge every rank's index fragment into ``index.jsonl`` (one atomic replace), then remove them. The
@@ -379,16 +402,23 @@ class CacheWriter:
             )
         data = torch.cat([part.reshape(len(keys), -1).view(torch.uint8) for part in stored.values()], dim=1).numpy()
         checksums = [zlib.crc32(row) for row in data]
+        compressed = layout.compression != "none"
+        blobs = _compress_records(data) if compressed else [data.tobytes()]
         try:
-            if self.shard is None or (self.slots + len(keys)) * layout.nbytes > SHARD_BYTES:
+            if self.shard is None or self.position + sum(map(len, blobs)) > SHARD_BYTES:
                 self._next_shard()
-            self.shard.write(data.tobytes())
+            for blob in blobs:
+                self.shard.write(blob)
             self.shard.flush()
             os.fsync(self.shard.fileno())
-            lines = [
-                json.dumps(_index_line(key, CacheEntry(self.shard_name, self.slots + i, digest, checksum))) + "\n"
-                for i, (key, digest, checksum) in enumerate(zip(keys, digests, checksums, strict=True))
+            starts = np.cumsum([self.position, *map(len, blobs)]).tolist()
+            entries = [
+                CacheEntry(self.shard_name, self.slots + i, digest, checksum)._replace(
+                    **({"offset": starts[i], "size": len(blobs[i])} if compressed else {})
+                )
+                for i, (digest, checksum) in enumerate(zip(digests, checksums, strict=True))
             ]
+            lines = [json.dumps(_index_line(key, entry)) + "\n" for key, entry in zip(keys, entries, strict=True)]
             self.index.write("".join(lines).encode())
             self.index.flush()
             os.fsync(self.index.fileno())
@@ -396,9 +426,9 @@ class CacheWriter:
             if error.errno == errno.ENOSPC:
                 raise disk_full_error(self.cache.directory, cached=len(self.cache)) from None
             raise
-        for i, (key, digest, checksum) in enumerate(zip(keys, digests, checksums, strict=True)):
-            self.cache.entries[key] = CacheEntry(self.shard_name, self.slots + i, digest, checksum)
+        self.cache.entries.update(zip(keys, entries, strict=True))
         self.slots += len(keys)
+        self.position = starts[-1]
 
     def _next_shard(self) -> None:
         if self.shard is not None:
@@ -409,6 +439,7 @@ class CacheWriter:
         self.shard_name = f"{self.prefix}{max(numbers, default=-1) + 1:05d}.bin"
         self.shard = open(self.cache.directory / self.shard_name, "xb")  # noqa: SIM115 (closed in close())
         self.slots = 0
+        self.position = 0
 
     def close(self) -> None:
         if self.shard is not None:
@@ -458,8 +489,35 @@ def content_digests(root: Path, keys: Sequence[str], progress: bool = False) -> 
     return digests
 
 
+def _compress_records(data: np.ndarray) -> list[bytes]:
+    """Each row of ``data`` [B, record bytes] uint8 as one zstd frame."""
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return [compressor.compress(row) for row in data]
+
+
+def _decompress(frame: np.ndarray, size: int) -> np.ndarray | None:
+    """The record of ``size`` bytes in a zstd ``frame`` (uint8), decompressed into a new writable array; None for a
+    damaged frame (or one of another size, checked before anything is allocated for it)."""
+    import zstandard
+
+    try:
+        if zstandard.frame_content_size(frame) != size:
+            return None
+        record = np.empty(size, dtype=np.uint8)
+        filled, view = 0, memoryview(record)
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            while filled < size and (read := reader.readinto(view[filled:])):
+                filled += read
+    except zstandard.ZstdError:
+        return None
+    return record if filled == size else None
+
+
 def _index_line(key: str, entry: CacheEntry) -> dict[str, Any]:
-    return {"key": key, "shard": entry.shard, "slot": entry.slot, "sha256": entry.sha256, "crc32": entry.crc32}
+    line = {"key": key, "shard": entry.shard, "slot": entry.slot, "sha256": entry.sha256, "crc32": entry.crc32}
+    return line if entry.offset is None else {**line, "offset": entry.offset, "size": entry.size}
 
 
 def fragment_name(rank: int) -> str:
@@ -521,9 +579,17 @@ def _read_index(path: Path) -> dict[str, CacheEntry]:
                 break
             try:
                 item = json.loads(line)
-                entry = CacheEntry(str(item["shard"]), int(item["slot"]), item.get("sha256"), item.get("crc32"))
+                offset, size = item.get("offset"), item.get("size")
+                entry = CacheEntry(
+                    str(item["shard"]),
+                    int(item["slot"]),
+                    item.get("sha256"),
+                    item.get("crc32"),
+                    None if offset is None else int(offset),
+                    None if size is None else int(size),
+                )
                 entries[str(item["key"])] = entry
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
     return _unshared(entries)
 

@@ -18,6 +18,7 @@ from typing import Any
 from fpt._version import __version__
 from fpt.config import (
     ATTENTION_INITS,
+    CACHE_COMPRESSIONS,
     CACHE_DTYPE_NAMES,
     DEFAULT_EPOCHS,
     DEMO_BACKBONE,
@@ -623,6 +624,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"dtype of cached features (default: {default('cache_dtype')})",
     )
     group.add_argument(
+        "--cache-compression",
+        choices=CACHE_COMPRESSIONS,
+        help="zstd: compress each cached record losslessly (int8: about 93 %% of its bytes, under a quarter of "
+        f"float32's; same results; default: {default('cache_compression')})",
+    )
+    group.add_argument(
         "--norm",
         choices=NORMALIZATIONS,
         help="normalisation: the backbone's mean/std (default) or the training set's statistics (auto)",
@@ -786,6 +793,7 @@ TRAINING_OPTIONS = {  # TrainingConfig field: parsed option (absent from command
     "grad_checkpointing": "grad_checkpointing",
     "num_workers": "workers",
     "cache_dtype": "cache_dtype",
+    "cache_compression": "cache_compression",
     "normalization": "norm",
     "val_fraction": "val_fraction",
     "test_fraction": "test_fraction",
@@ -908,11 +916,12 @@ def _run_cache_info(args: argparse.Namespace) -> int:
         print(json.dumps(info.to_dict(), indent=2))
         return 0
     parts = ", ".join(f"{name} {list(shape)}" for name, shape in info.layout["parts"].items())
+    compressed = f", {info.layout['compression']}-compressed" if "compression" in info.layout else ""
     legacy = f"{info.legacy_entries:,} from an older fpt, without content hashes: the next preload recomputes them"
     rows = [
         ("cache", info.directory),
         ("entries", f"{info.entries:,}" + (f" ({legacy})" if info.legacy_entries else "")),
-        ("record", f"{parts} in {info.layout['dtype']}, {info.record_bytes:,} bytes"),
+        ("record", f"{parts} in {info.layout['dtype']}, {info.record_bytes:,} bytes{compressed}"),
         ("on disk", mib(info.bytes_on_disk)),
         *((key, json.dumps(value)) for key, value in info.fingerprint.items()),
     ]

@@ -60,15 +60,19 @@ def cache_fingerprint(
     normalization: Normalization,
     dtype: str,
     precision: Precision,
+    compression: str = "none",
 ) -> dict[str, Any]:
     """Everything that determines the cached features of an image (``feature_settings``: the method's own, from
-    ``TransferModel.feature_settings``)."""
+    ``TransferModel.feature_settings``), and how they are stored: a cache holds records of one dtype and one
+    compression (recorded only when there is one, so that the fingerprints of uncompressed caches stay as they
+    were)."""
     return {
         "backbone": backbone.to_dict(),
         "weights_sha256": weights_sha256,
         **feature_settings,
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "dtype": dtype,
+        **({} if compression == "none" else {"compression": compression}),
         "precision": precision,
         "fpt_version": __version__,
     }
@@ -142,8 +146,9 @@ def preload_together(
                 normalization,
                 training.cache_dtype,
                 effective_precision,
+                training.cache_compression,
             ),
-            RecordLayout(model.feature_layout(), training.cache_dtype),
+            RecordLayout(model.feature_layout(), training.cache_dtype, training.cache_compression),
         )
         for model, training in targets
     ]
