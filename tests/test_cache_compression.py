@@ -57,6 +57,8 @@ def test_a_compressed_cache_holds_the_same_records_in_fewer_bytes(tmp_path: Path
     plain, compressed = caches["none"], caches["zstd"]
 
     assert compressed.layout.compression == "zstd" and "compression" not in plain.layout.to_dict()
+    manifests = {name: json.loads((tmp_path / name / "manifest.json").read_text()) for name in caches}
+    assert (manifests["none"]["format"], manifests["zstd"]["format"]) == (2, 3)  # an older fpt refuses format 3
     for key in keys:
         expected, found = plain.get(key), compressed.get(key)
         assert sorted(found) == sorted(expected) == ["keys", "keys_scale", "values", "values_scale"]

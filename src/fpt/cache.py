@@ -57,7 +57,11 @@ MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.jsonl"
 LOCK_NAME = "cache.lock"
 FRAGMENT_GLOB = "index-r*.jsonl"
-CACHE_FORMAT = 2  # 1: keys and values only, "layout": {"shape", "dtype"}; still read
+# 3: compressed records ("layout": {"compression"}), written for compressed caches only, so that an fpt which
+# cannot read them refuses the cache instead of finding every record corrupt; 2: the uncompressed format;
+# 1: keys and values only, "layout": {"shape", "dtype"}. All three are read.
+CACHE_FORMAT = 3
+UNCOMPRESSED_FORMAT = 2
 SHARD_BYTES = 2 * 2**30
 ZSTD_LEVEL = 3  # int8 records: 92.8 % of their bytes at about 1.2 GB/s to decompress (BENCHMARKS.md)
 CACHE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in CACHE_DTYPE_NAMES}  # of the parts
@@ -178,9 +182,9 @@ class FeatureCache:
             version = manifest.get("format")
         except (ValueError, AttributeError):
             raise damaged from None
-        if version not in (1, CACHE_FORMAT):
+        if version not in (1, UNCOMPRESSED_FORMAT, CACHE_FORMAT):
             raise FPTError(
-                f"{manifest_path} has cache format {version}, this fpt reads 1 and {CACHE_FORMAT}; "
+                f"{manifest_path} has cache format {version}, this fpt reads 1 to {CACHE_FORMAT}; "
                 f"rebuild it with `fpt preload ... --cache {directory} --overwrite`"
             )
         try:
@@ -224,7 +228,8 @@ class FeatureCache:
             for path in directory.iterdir():
                 if path.name == INDEX_NAME or path.name.startswith("shard-") or path.match(FRAGMENT_GLOB):
                     path.unlink()
-            manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "layout": layout.to_dict()}
+            version = UNCOMPRESSED_FORMAT if layout.compression == "none" else CACHE_FORMAT
+            manifest = {"format": version, "fingerprint": fingerprint, "layout": layout.to_dict()}
             try:
                 _write_atomically(directory / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
             except OSError as error:
