@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -70,6 +71,23 @@ def test_cli_user_errors_are_one_line_without_traceback(capsys: pytest.CaptureFi
     assert err.startswith("fpt: error: unknown timm model 'vit_base_patch16_348'")
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_keeps_the_garbage_collector_on_while_it_works_and_after_it_returns(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fpt.info
+
+    collecting_while_counting = []
+    counted = fpt.info.model_info
+    monkeypatch.setattr(
+        fpt.info, "model_info", lambda model: collecting_while_counting.append(gc.isenabled()) or counted(model)
+    )
+
+    assert main(["info", "--backbone", "vit_base_patch16_384", "--num-classes", "2", "--json"]) == 0
+    assert main(["info", "--backbone", "vit_base_patch16_348", "--num-classes", "2"]) == 1  # an error after importing
+    assert collecting_while_counting == [True] and gc.isenabled()
+    capsys.readouterr()
 
 
 def test_cli_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
