@@ -8,7 +8,8 @@
 # torcheval, transformers 4.x, torch). Both train FPT+ (ViT-B/16 with random weights, saved once as a Hugging Face
 # directory, 512 px, layers 6-11, 16 prompts, token ratio 0.2, batch 16, lr 1e-4, 2 epochs, 2 loader workers) on
 # the same 64 synthetic images (`fpt synth`: 48 training, 8 validation, 8 test), each from its own float32 cache of
-# them, built once first and not timed. The runs are interleaved, REPEATS times (default 2). Results go to
+# them, built once first and not timed. The runs are interleaved, REPEATS times (default 2); a last line gives
+# both medians, their ratio, the median of the pairs' ratios and how many pairs fpt won. Results go to
 # OUT/walltime.txt.
 set -eu
 OFFICIAL=$(cd "$1" && pwd)
@@ -61,4 +62,13 @@ print('fpt_${repeat}_training_steps', round(sum(line['seconds_per_step'] * steps
       'seconds_per_step', [round(line['seconds_per_step'], 3) for line in lines])" >> "$OUT/walltime.txt"
   repeat=$((repeat + 1))
 done
+"$PYTHON" -c "
+import re, statistics
+text = open('$OUT/walltime.txt').read()
+official, fpt = ([float(x) for x in re.findall(rf'^{name}_\d+ ([\d.]+)$', text, re.M)] for name in ('official', 'fpt'))
+ratios = [mine / theirs for mine, theirs in zip(fpt, official)]
+print('medians official', round(statistics.median(official), 2), 'fpt', round(statistics.median(fpt), 2),
+      'fpt/official', round(statistics.median(fpt) / statistics.median(official), 3),
+      'median_pair_ratio', round(statistics.median(ratios), 3), 'fpt_faster_pairs', sum(r < 1 for r in ratios), 'of', len(ratios))
+" >> "$OUT/walltime.txt"
 cat "$OUT/walltime.txt"
