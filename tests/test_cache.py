@@ -34,7 +34,7 @@ from fpt.data.datasets import ImageDataset
 from fpt.data.transforms import Normalization
 from fpt.errors import FPTError
 from fpt.models.fpt import FPTModel
-from fpt.preload import PreloadSummary, preload_together, weights_digest
+from fpt.preload import InOrderWrites, PreloadSummary, preload_together, weights_digest
 from fpt.task import prepare
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import (
@@ -626,3 +626,77 @@ def test_a_shared_pass_refuses_methods_that_read_the_lpm_at_other_sizes(
 
     with pytest.raises(FPTError, match="different LPMs or LPM input sizes; preload them one at a time"):
         preload_together(targets, fpt_plus.dataset, fpt_plus.normalization, progress=False)
+
+
+def test_background_writes_keep_their_order_and_wait_for_each_other_at_the_end() -> None:
+    done: list[int] = []
+    release = threading.Event()
+
+    def write(number: int) -> None:
+        if number == 0:
+            release.wait(timeout=10)  # the first write is slow: the next ones queue behind it
+        done.append(number)
+
+    with InOrderWrites(depth=2) as writes:
+        writes.submit(write, 0)
+        writes.submit(write, 1)
+        assert done == []  # neither has run: the caller went on
+        release.set()
+        for number in range(2, 6):
+            writes.submit(write, number)
+    assert done == list(range(6))
+
+
+def test_a_failed_background_write_stops_the_queued_ones_and_raises_in_the_caller() -> None:
+    done: list[int] = []
+
+    def write(number: int) -> None:
+        if number == 1:
+            raise FPTError("disk full")
+        done.append(number)
+
+    with pytest.raises(FPTError, match="disk full"), InOrderWrites(depth=2) as writes:
+        for number in range(6):
+            writes.submit(write, number)
+    assert done == [0]
+
+
+def test_an_interrupted_caller_still_gets_every_submitted_write_done() -> None:
+    done: list[int] = []
+
+    with pytest.raises(KeyboardInterrupt), InOrderWrites(depth=3) as writes:
+        for number in range(3):
+            writes.submit(lambda number: (time.sleep(0.05), done.append(number)), number)
+        raise KeyboardInterrupt
+    assert done == [0, 1, 2]
+
+
+def test_a_writer_starts_a_fresh_shard_after_a_failed_write(
+    tmp_path: Path, setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_preload(setup, tmp_path / "reference")
+    reference = FeatureCache.open(tmp_path / "reference")
+    keys = sorted(reference.entries)
+    cache = FeatureCache.create(tmp_path / "cache", reference.fingerprint, reference.layout)
+    parts = {name: torch.stack([reference.get(key)[name] for key in keys]).float() for name in ("keys", "values")}
+    digests = [reference.entries[key].sha256 for key in keys]
+    with cache.writer() as writer:
+        writer.add(keys[:2], {name: part[:2] for name, part in parts.items()}, digests[:2])
+        first_shard = writer.shard_name
+        written_so_far = writer.shard.write
+
+        def half_then_fail(data: bytes) -> None:
+            written_so_far(bytes(data)[: len(data) // 2])
+            raise OSError(errno.EIO, "I/O error")
+
+        with monkeypatch.context() as patch:  # the next batch fails half way through its records
+            patch.setattr(writer.shard, "write", half_then_fail)
+            with pytest.raises(OSError):
+                writer.add(keys[2:4], {name: part[2:4] for name, part in parts.items()}, digests[2:4])
+        writer.add(keys[4:], {name: part[4:] for name, part in parts.items()}, digests[4:])
+        assert writer.shard_name != first_shard
+
+    written = FeatureCache.open(tmp_path / "cache")
+    assert sorted(written.entries) == sorted(keys[:2] + keys[4:])
+    for key in written.entries:
+        assert all(written.get(key)[name].equal(reference.get(key)[name]) for name in ("keys", "values"))

@@ -34,7 +34,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -428,6 +428,7 @@ class CacheWriter:
             self.index.flush()
             os.fsync(self.index.fileno())
         except OSError as error:
+            self._abandon_shard()
             if error.errno == errno.ENOSPC:
                 raise disk_full_error(self.cache.directory, cached=len(self.cache)) from None
             raise
@@ -445,6 +446,13 @@ class CacheWriter:
         self.shard = open(self.cache.directory / self.shard_name, "xb")  # noqa: SIM115 (closed in close())
         self.slots = 0
         self.position = 0
+
+    def _abandon_shard(self) -> None:
+        """After a failed write: the shard may end in part of a batch, so the next batch starts a fresh one."""
+        if self.shard is not None:
+            with suppress(OSError):  # closing flushes, which fails again on a full disk
+                self.shard.close()
+        self.shard = None
 
     def close(self) -> None:
         if self.shard is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +251,9 @@ def _compute(
         pin_memory=target.type == "cuda",
     )
     bar = progress_bar(total=len(share), unit="img", desc="preload", enabled=progress and bool(share))
-    with bar:
+    # on a GPU the writes overlap the next batch; on the CPU they would only take cores from the LPM (measured: 8 %
+    # slower with ViT-S at 512 px on 2 cores)
+    with bar, InOrderWrites(background=target.type != "cpu") as writes:
         for batch in loader:
             images = batch.to(target).lpm
             with autocast(target, first.precision):
@@ -260,8 +264,53 @@ def _compute(
                 if rows:
                     chosen = [paths[row] for row in rows]
                     parts = {name: part[rows] for name, part in parts.items()}
-                    writers[id(cache)].add(chosen, parts, [digests[path] for path in chosen])
+                    writes.submit(writers[id(cache)].add, chosen, parts, [digests[path] for path in chosen])
             bar.update(len(paths))
+
+
+class InOrderWrites:
+    """Cache writes in the order they are submitted; with ``background``, on one background thread, so that an
+    accelerator computes the next batch while the last one is encoded, checksummed, written and synced (all of
+    which release the GIL); else each in the caller, at once.
+
+    At most ``depth`` writes wait at a time (each holds its batch of features). The first write that fails stops
+    the ones queued after it, and its error is raised in the caller at its next submission or when the block
+    ends. Leaving the block waits for the writes already submitted, also when the caller is interrupted, so that
+    every computed batch is kept.
+    """
+
+    def __init__(self, background: bool = True, depth: int = 2) -> None:
+        self.background = background
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fpt-cache-write")
+        self.pending: deque[Future[None]] = deque()
+        self.failed = False
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        if not self.background:
+            write(*args)
+            return
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._unless_failed, write, *args))
+
+    def _unless_failed(self, write: Callable[..., None], *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            write(*args)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def __enter__(self) -> InOrderWrites:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.pool.shutdown(wait=True)
+        if kind is None:
+            for future in self.pending:
+                future.result()
 
 
 def _lock_order(cache: FeatureCache) -> str:
