@@ -153,3 +153,10 @@ def test_cli_cache_info_shows_the_compression(
     assert main(["cache", "info", str(tmp_path / "cache")]) == 0
     record = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("record"))
     assert record.endswith(" bytes, zstd-compressed") and " in int8, " in record
+
+
+def test_an_unknown_compression_is_refused_naming_the_choices(tmp_path: Path, setup) -> None:
+    dataset, model, normalization = setup
+    with pytest.raises(FPTError, match="cache compression 'gzip' is not one of none, zstd"):
+        preload_into(model, dataset, tmp_path / "cache", normalization, "int8", cache_compression="gzip")
+    assert not (tmp_path / "cache").exists()
